@@ -1,0 +1,1 @@
+"""Text in: corpora, question sets, tokenization, synthetic data."""

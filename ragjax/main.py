@@ -1,0 +1,218 @@
+"""The `ragjax` command line: one entry point, one subcommand per job.
+
+  ragjax make-bios --num-people 2000 --out data/bios
+  ragjax embed --corpus C --retriever minilm --out EMB
+  ragjax index --kind scann --embeddings EMB --corpus C --out IDX
+  ragjax retrieve "who founded ..." --index IDX --k 5
+  ragjax eval-retrieval --corpus C --questions Q --retriever minilm --index exact --k 1,5,20 --out r.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+
+def _ks(text: str) -> list[int]:
+  try:
+    ks = [int(x) for x in text.split(",") if x.strip()]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"--k {text!r}: expected comma-separated integers, e.g. 1,5,20")
+  if not ks or min(ks) < 1:
+    raise argparse.ArgumentTypeError(f"--k {text!r}: expected positive integers")
+  return ks
+
+
+def _params(pairs: list[str]) -> dict:
+  out = {}
+  for pair in pairs or []:
+    key, sep, value = pair.partition("=")
+    if not sep:
+      raise SystemExit(f"--param {pair!r}: expected key=value")
+    try:
+      out[key] = json.loads(value)
+    except json.JSONDecodeError:
+      out[key] = value
+  return out
+
+
+def _load_retriever(spec: str, max_length: int | None):
+  from ragjax.models.retriever import load_retriever
+  return load_retriever(spec, max_length=max_length)
+
+
+def cmd_make_bios(args):
+  from ragjax.data.synthetic import write_bios
+  paths = write_bios(args.out, args.num_people, seed=args.seed, eval_fraction=args.eval_fraction)
+  for name, path in paths.items():
+    print(f"{name}: {path}")
+
+
+def cmd_embed(args):
+  from ragjax.data.corpus import read_passages
+  from ragjax.retrieval.embed import embed_corpus
+  passages = read_passages(args.corpus, skip_invalid=args.skip_invalid)
+  retriever = _load_retriever(args.retriever, args.max_length)
+  manifest = embed_corpus(retriever, passages, args.out, shard_size=args.shard_size,
+                          batch_size=args.batch_size, dtype=args.dtype)
+  print(f"embedded {manifest['count']} passages x {manifest['dim']} into {args.out} "
+        f"({len(manifest['shards'])} shards, {manifest['embed_seconds']} s)")
+
+
+def cmd_index(args):
+  from ragjax.data.corpus import read_passages
+  from ragjax.retrieval.embed import load_embeddings
+  from ragjax.retrieval.evaluate import build_index
+  params = _params(args.param)
+  retriever = embeddings = None
+  passages = read_passages(args.corpus) if args.corpus else None
+  if args.embeddings:
+    embeddings, ids, emb_manifest = load_embeddings(args.embeddings)
+    encoder = emb_manifest["encoder"]
+    if passages is not None and [p.id for p in passages] != list(ids):
+      raise SystemExit(f"{args.embeddings}: passage ids differ from {args.corpus}")
+    passages = passages or [type("P", (), {"id": i, "title": "", "text": ""}) for i in ids]
+  elif args.kind != "bm25":
+    if passages is None:
+      raise SystemExit("ragjax index: give --embeddings DIR, or --corpus FILE with --retriever")
+    retriever = _load_retriever(args.retriever, args.max_length)
+  elif passages is None:
+    raise SystemExit("ragjax index --kind bm25: needs --corpus FILE")
+  index, timings = build_index(args.kind, passages, retriever, embeddings=embeddings,
+                               batch_size=args.batch_size, **params)
+  if args.embeddings:
+    index.manifest["encoder"] = encoder
+  if args.corpus:
+    index.manifest["corpus"] = str(pathlib.Path(args.corpus).resolve())
+  index.save(args.out)
+  print(f"{args.kind} index of {index.count} passages published at {args.out} ({timings})")
+
+
+def cmd_retrieve(args):
+  from ragjax.data.corpus import read_passages
+  from ragjax.retrieval.index import load_index
+  index = load_index(args.index)
+  corpus = args.corpus or index.manifest.get("corpus")
+  if not corpus:
+    raise SystemExit(f"{args.index}: the index does not name its corpus; pass --corpus FILE")
+  passages = {p.id: p for p in read_passages(corpus)}
+  if index.kind == "bm25":
+    queries = [args.question]
+  else:
+    spec = args.retriever or (index.manifest.get("encoder") or {}).get("name")
+    if not spec:
+      raise SystemExit(f"{args.index}: the index does not name its encoder; pass --retriever")
+    queries = _load_retriever(spec, args.max_length).encode_queries([args.question])
+  scores, ids = index.search(queries, args.k)
+  results = [{"rank": r + 1, "score": float(s), "id": str(i), "title": passages[i].title,
+              "text": passages[i].text} for r, (s, i) in enumerate(zip(scores[0], ids[0]))]
+  if args.json:
+    print(json.dumps(results, indent=1, ensure_ascii=False))
+    return
+  for r in results:
+    print(f"{r['rank']:>3}  {r['score']:8.4f}  {r['id']}  {r['title']}")
+    print(f"     {r['text'][:300]}")
+
+
+def cmd_eval_retrieval(args):
+  from ragjax.data.corpus import read_passages
+  from ragjax.data.qa import read_questions
+  from ragjax.retrieval.evaluate import evaluate_retrieval
+  passages = read_passages(args.corpus)
+  questions = read_questions(args.questions)
+  if args.limit_questions:
+    questions = questions[:args.limit_questions]
+  if args.retriever == "bm25":
+    kind, retriever = "bm25", None
+  else:
+    kind, retriever = args.index, _load_retriever(args.retriever, args.max_length)
+  t0 = time.perf_counter()
+  report = evaluate_retrieval(passages, questions, retriever, kind, args.k,
+                              batch_size=args.batch_size, **_params(args.param))
+  report["timings"]["total_seconds"] = round(time.perf_counter() - t0, 3)
+  report["corpus"], report["questions"] = str(args.corpus), str(args.questions)
+  if args.out:
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+  print(json.dumps({"num_questions": report["num_questions"], "index": report["index"],
+                    "recall": report["recall"]}, indent=1))
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="ragjax", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+  def add(name, fn, help_):
+    p = sub.add_parser(name, help=help_, description=help_)
+    p.set_defaults(fn=fn)
+    return p
+
+  def retriever_args(p, default="minilm"):
+    p.add_argument("--retriever", default=default,
+                   help="'minilm', or a HF BERT/DPR checkpoint directory (default: %(default)s)")
+    p.add_argument("--max-length", type=int, default=None, help="max tokens per text")
+    p.add_argument("--batch-size", type=int, default=64, help="encoder batch size")
+
+  p = add("make-bios", cmd_make_bios, "write the built-in synthetic biographies corpus")
+  p.add_argument("--num-people", type=int, default=2000)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--eval-fraction", type=float, default=0.2)
+  p.add_argument("--out", required=True)
+
+  p = add("embed", cmd_embed, "embed a corpus into resumable shards with a manifest")
+  p.add_argument("--corpus", required=True)
+  p.add_argument("--out", required=True)
+  p.add_argument("--shard-size", type=int, default=16384)
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  p.add_argument("--skip-invalid", action="store_true", help="skip (and count) bad records")
+  retriever_args(p)
+
+  p = add("index", cmd_index, "build and atomically publish an exact, ScaNN or BM25 index")
+  p.add_argument("--kind", choices=("exact", "scann", "bm25"), required=True)
+  p.add_argument("--out", required=True)
+  p.add_argument("--embeddings", help="embedding directory from `ragjax embed`")
+  p.add_argument("--corpus", help="corpus file (embedded here when --embeddings is absent)")
+  p.add_argument("--param", action="append", help="index parameter key=value (repeatable)")
+  retriever_args(p)
+
+  p = add("retrieve", cmd_retrieve, "print the top-k passages for a question")
+  p.add_argument("question")
+  p.add_argument("--index", required=True)
+  p.add_argument("--corpus", help="corpus file (default: the one the index was built from)")
+  p.add_argument("--retriever", default=None, help="default: the index's encoder")
+  p.add_argument("--max-length", type=int, default=None)
+  p.add_argument("--k", type=int, default=5)
+  p.add_argument("--json", action="store_true")
+
+  p = add("eval-retrieval", cmd_eval_retrieval, "recall@k of a retriever on a question set")
+  p.add_argument("--corpus", required=True)
+  p.add_argument("--questions", required=True)
+  p.add_argument("--index", choices=("exact", "scann"), default="exact",
+                 help="MIPS index for dense retrievers (ignored for bm25)")
+  p.add_argument("--k", type=_ks, default=[1, 5, 20])
+  p.add_argument("--out", help="write the full JSON report here")
+  p.add_argument("--limit-questions", type=int, default=None)
+  p.add_argument("--param", action="append", help="index parameter key=value (repeatable)")
+  retriever_args(p)
+  return parser
+
+
+def main(argv=None):
+  os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+  args = build_parser().parse_args(argv)
+  from ragjax.errors import DataError, IndexFormatError, WeightImportError
+  try:
+    args.fn(args)
+  except (DataError, IndexFormatError, WeightImportError, FileNotFoundError) as e:
+    print(f"ragjax {args.command}: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

