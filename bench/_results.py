@@ -27,9 +27,9 @@ from typing import Callable, Sequence
 
 RESULTS = pathlib.Path(__file__).resolve().with_name("RESULTS.md")
 HEADER = ("# ragjax benchmark results\n\n"
-          "Written by the scripts in `bench/` (see `bench/README.md`); each script replaces its own "
-          "section. Absolute numbers depend on the machine and on what else ran on it: compare the "
-          "ratios, which are measured within one invocation.\n")
+          "Written by the scripts in `bench/` (see `bench/README.md`); each script replaces its "
+          "own section. Absolute numbers depend on the machine and on what else ran on it: "
+          "compare the ratios, which are measured within one invocation.\n")
 THREAD_ENV = ("XLA_FLAGS", "JAX_PLATFORMS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
               "OPENBLAS_NUM_THREADS", "TOKENIZERS_PARALLELISM")
 
@@ -44,6 +44,13 @@ def time_interleaved(fns: dict[str, Callable[[], object]], reps: int
       fn()
       seconds[name].append(time.perf_counter() - t0)
   return seconds
+
+
+def timed(fn: Callable[[], object]) -> tuple[object, float]:
+  """`(fn(), wall seconds)`."""
+  t0 = time.perf_counter()
+  out = fn()
+  return out, time.perf_counter() - t0
 
 
 def median(xs: Sequence[float]) -> float:
@@ -97,7 +104,7 @@ def thread_env() -> str:
 
 def command_line() -> str:
   env = " ".join(f"{k}={shlex.quote(os.environ[k])}" for k in ("XLA_FLAGS",) if k in os.environ)
-  cmd = " ".join(shlex.quote(a) for a in [f"python {sys.argv[0]}", *sys.argv[1:]])
+  cmd = " ".join(shlex.quote(a) for a in ["python", sys.argv[0], *sys.argv[1:]])
   return f"{env} {cmd}".strip() if env else cmd
 
 

@@ -74,7 +74,9 @@ def cmd_index(args):
     encoder = emb_manifest["encoder"]
     if passages is not None and [p.id for p in passages] != list(ids):
       raise SystemExit(f"{args.embeddings}: passage ids differ from {args.corpus}")
-    passages = passages or [type("P", (), {"id": i, "title": "", "text": ""}) for i in ids]
+    if passages is None:  # dense indexes need only the ids; retrieve reads texts via --corpus
+      from ragjax.data.corpus import Passage
+      passages = [Passage(i, "", "") for i in ids]
   elif args.kind != "bm25":
     if passages is None:
       raise SystemExit("ragjax index: give --embeddings DIR, or --corpus FILE with --retriever")

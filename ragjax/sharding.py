@@ -83,3 +83,51 @@ def check_rules(rules, mesh: Mesh | None = None):
           raise ValueError(f"axis_rules: {logical!r} -> {axis!r}, but the mesh axes are "
                            f"{mesh.axis_names}")
   return tuple((l, p if p is None or isinstance(p, str) else tuple(p)) for l, p in rules)
+
+
+def logical_param_shardings(abstract_boxed, mesh: Mesh, rules, log=None):
+  """NamedShardings for a pytree of `nn.Partitioned` (logically annotated) abstract params.
+
+  `abstract_boxed` is what `jax.eval_shape(model.init, ...)` returns; the result has the same
+  structure as the unboxed params. A dimension that the mesh axes do not divide evenly (e.g. a
+  vocabulary of 30,522 rows over 4 shards) is replicated instead, and reported through `log`
+  (default: `logging.warning`) so it is never silent.
+  """
+  import logging
+
+  import flax.linen as nn
+  from flax.core import meta
+  from jax.sharding import NamedSharding, PartitionSpec
+  log = log or logging.warning
+  mesh_specs = nn.logical_to_mesh(nn.get_partition_spec(abstract_boxed), check_rules(rules, mesh))
+  shapes = meta.unbox(abstract_boxed)
+
+  def fit(path, spec, leaf):
+    parts = []
+    for dim, axes in zip(leaf.shape, tuple(spec) + (None,) * (len(leaf.shape) - len(spec))):
+      size = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else
+                                                  (axes or ()))]))
+      if size > 1 and dim % size:
+        log(f"sharding: {jax.tree_util.keystr(path)} {tuple(leaf.shape)}: dimension {dim} is not "
+            f"divisible by mesh axes {axes} ({size}); replicated on that dimension")
+        axes = None
+      parts.append(axes)
+    return NamedSharding(mesh, PartitionSpec(*parts))
+
+  return jax.tree_util.tree_map_with_path(
+      fit, mesh_specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def sharding_summary(params, top: int = 10) -> str:
+  """One screen: the largest parameters with their shapes and shardings."""
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  leaves.sort(key=lambda kv: -int(np.prod(kv[1].shape)))
+  return "\n".join(f"{jax.tree_util.keystr(k):70s} {str(tuple(v.shape)):18s} "
+                   f"{getattr(v, 'sharding', None)}" for k, v in leaves[:top])
+
+
+def batch_sharding(mesh: Mesh, rules, ndim: int = 2):
+  """NamedSharding of a `[batch, ...]` input: the batch axis by the rule for `batch`."""
+  from jax.sharding import NamedSharding, PartitionSpec
+  physical = dict(check_rules(rules, mesh)).get(BATCH)
+  return NamedSharding(mesh, PartitionSpec(physical, *([None] * (ndim - 1))))

@@ -84,6 +84,30 @@ def _layer_norm(cfg: BertConfig, name: str) -> nn.LayerNorm:
       bias_init=_param(nn.initializers.zeros, (sh.EMBED,)), name=name)
 
 
+class Projection(nn.Module):
+  """`y = einsum(x, kernel) + bias` with an explicitly shaped, logically annotated kernel.
+
+  (flax's `DenseGeneral` initialises multi-axis kernels flat and reshapes them, which breaks
+  logical sharding constraints under a mesh; this keeps the kernel's rank throughout.)
+  `equation` contracts `x` with a kernel of shape `kernel_shape` (logical axes `kernel_axes`).
+  """
+  equation: str
+  kernel_shape: tuple
+  kernel_axes: tuple
+  bias_axes: tuple
+  cfg: BertConfig
+
+  @nn.compact
+  def __call__(self, x):
+    nb = len(self.bias_axes)
+    kernel = self.param("kernel", _param(_dense_init(), self.kernel_axes), self.kernel_shape,
+                        self.cfg.param_dtype)
+    bias = self.param("bias", _param(nn.initializers.zeros, self.bias_axes),
+                      self.kernel_shape[-nb:], self.cfg.param_dtype)
+    y = jnp.einsum(self.equation, x.astype(self.cfg.dtype), kernel.astype(self.cfg.dtype))
+    return y + bias.astype(self.cfg.dtype)
+
+
 class BertEmbeddings(nn.Module):
   """Token + absolute position + token type embeddings, LayerNorm, dropout.
 
@@ -121,10 +145,10 @@ class BertSelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x_ble, bias_bl, deterministic: bool):
     cfg = self.cfg
-    proj = lambda n: nn.DenseGeneral(
-        (cfg.num_attention_heads, cfg.head_dim), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        kernel_init=_param(_dense_init(), (sh.EMBED, sh.HEADS, sh.HEAD_DIM)),
-        bias_init=_param(nn.initializers.zeros, (sh.HEADS, sh.HEAD_DIM)), name=n)
+    heads, head_dim = cfg.num_attention_heads, cfg.head_dim
+    proj = lambda n: Projection("ble,ehd->blhd", (cfg.hidden_size, heads, head_dim),
+                                (sh.EMBED, sh.HEADS, sh.HEAD_DIM), (sh.HEADS, sh.HEAD_DIM), cfg,
+                                name=n)
     q_blhd, k_blhd, v_blhd = proj("query")(x_ble), proj("key")(x_ble), proj("value")(x_ble)
     logits_bhqk = jnp.einsum("bqhd,bkhd->bhqk", q_blhd, k_blhd) / jnp.sqrt(
         jnp.asarray(cfg.head_dim, cfg.dtype))
@@ -132,11 +156,9 @@ class BertSelfAttention(nn.Module):
     probs_bhqk = jax.nn.softmax(logits_bhqk.astype(jnp.float32), axis=-1).astype(cfg.dtype)
     probs_bhqk = nn.Dropout(cfg.dropout_rate)(probs_bhqk, deterministic=deterministic)
     ctx_blhd = jnp.einsum("bhqk,bkhd->bqhd", probs_bhqk, v_blhd)
-    out_ble = nn.DenseGeneral(
-        cfg.hidden_size, axis=(-2, -1), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        kernel_init=_param(_dense_init(), (sh.HEADS, sh.HEAD_DIM, sh.EMBED)),
-        bias_init=_param(nn.initializers.zeros, (sh.EMBED,)), name="output")(ctx_blhd)
-    return out_ble
+    return Projection("blhd,hde->ble", (heads, head_dim, cfg.hidden_size),
+                      (sh.HEADS, sh.HEAD_DIM, sh.EMBED), (sh.EMBED,), cfg,
+                      name="output")(ctx_blhd)
 
 
 class BertLayer(nn.Module):

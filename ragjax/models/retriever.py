@@ -17,6 +17,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.linen import partitioning as nn_partitioning
 
 from ragjax.data.tokenize import WordPieceTokenizer
 from ragjax.errors import WeightImportError
@@ -43,6 +44,23 @@ class Retriever:
 
   def __post_init__(self):
     self._encode = {}
+    self.mesh = self.rules = None
+
+  def shard(self, mesh, rules=None) -> "Retriever":
+    """Place the parameters on `mesh` by their logical axes (`rules`, default
+    `sharding.DEFAULT_AXIS_RULES`) and shard every encoded batch over the `batch` rule.
+    Batch sizes must then be divisible by the number of batch shards."""
+    from ragjax import sharding
+    self.mesh, self.rules = mesh, tuple(rules or sharding.DEFAULT_AXIS_RULES)
+    self.param_shardings = {}
+    for side, cfg in (("query", self.query_cfg), ("passage", self.passage_cfg)):
+      ids = jnp.zeros((1, 8), jnp.int32)
+      boxed = jax.eval_shape(lambda: BertEncoder(cfg).init(jax.random.key(0), ids, ids))
+      shardings = sharding.logical_param_shardings(boxed["params"], mesh, self.rules)
+      self.param_shardings[side] = shardings
+      self.params[f"{side}_encoder"] = jax.device_put(self.params[f"{side}_encoder"], shardings)
+    self._encode = {}
+    return self
 
   @property
   def dim(self) -> int:
@@ -52,8 +70,18 @@ class Retriever:
     if side not in self._encode:
       cfg = self.query_cfg if side == "query" else self.passage_cfg
       model = BertEncoder(cfg)
-      self._encode[side] = jax.jit(
-          lambda p, ids, mask: model.apply({"params": p}, ids, mask, deterministic=True))
+      apply = lambda p, ids, mask: model.apply({"params": p}, ids, mask, deterministic=True)
+      if self.mesh is None:
+        self._encode[side] = jax.jit(apply)
+      else:
+        from ragjax import sharding
+        batch_sh = sharding.batch_sharding(self.mesh, self.rules)
+        jitted = jax.jit(apply, in_shardings=(self.param_shardings[side], batch_sh, batch_sh),
+                         out_shardings=batch_sh)
+        def run(p, ids, mask, _jitted=jitted):
+          with jax.set_mesh(self.mesh), nn_partitioning.axis_rules(self.rules):
+            return _jitted(p, ids, mask)
+        self._encode[side] = run
     return self._encode[side]
 
   def _encode_texts(self, side: str, texts: Sequence[str], batch_size: int,
