@@ -1,6 +1,7 @@
 """The `ragjax` command line: one entry point, one subcommand per job.
 
   ragjax make-bios --num-people 2000 --out data/bios
+  ragjax store --corpus C --out data/tfds --name corpus     # array_record, streamed
   ragjax embed --corpus C --retriever minilm --out EMB
   ragjax index --kind scann --embeddings EMB --corpus C --out IDX
   ragjax retrieve "who founded ..." --index IDX --k 5
@@ -39,6 +40,38 @@ def _params(pairs: list[str]) -> dict:
   return out
 
 
+def _load_corpus(path, skip_invalid: bool = False, split_words: int = 0):
+  """A corpus file (any reader format), or a TFDS array_record directory from `ragjax store`
+  (random access, streamed from disk). `split_words > 0` splits passages into DPR-style
+  ~N-word passages, title kept."""
+  from ragjax.data import corpus
+  if pathlib.Path(path).is_dir():
+    from ragjax.data.tfds_store import CorpusSource
+    if split_words:
+      raise SystemExit(f"{path}: --split-words applies to corpus files, not to a stored dataset")
+    return CorpusSource(path)
+  passages = corpus.read_passages(path, skip_invalid=skip_invalid)
+  if split_words:
+    passages = [q for p in passages for q in corpus.split_document(p.id, p.title, p.text,
+                                                                   split_words)]
+  return passages
+
+
+def cmd_store(args):
+  from ragjax.data import tfds_store
+  from ragjax.data.corpus import iter_passages
+  from ragjax.data.qa import iter_questions
+  if bool(args.corpus) == bool(args.questions):
+    raise SystemExit("ragjax store: give exactly one of --corpus FILE or --questions FILE")
+  if args.corpus:
+    path = tfds_store.build_corpus_dataset(iter_passages(args.corpus), args.out, name=args.name,
+                                           overwrite=args.overwrite)
+  else:
+    path = tfds_store.build_questions_dataset(iter_questions(args.questions), args.out,
+                                              name=args.name, overwrite=args.overwrite)
+  print(f"array_record dataset at {path}")
+
+
 def _load_retriever(spec: str, max_length: int | None):
   from ragjax.models.retriever import load_retriever
   return load_retriever(spec, max_length=max_length)
@@ -52,9 +85,8 @@ def cmd_make_bios(args):
 
 
 def cmd_embed(args):
-  from ragjax.data.corpus import read_passages
   from ragjax.retrieval.embed import embed_corpus
-  passages = read_passages(args.corpus, skip_invalid=args.skip_invalid)
+  passages = _load_corpus(args.corpus, args.skip_invalid, args.split_words)
   retriever = _load_retriever(args.retriever, args.max_length)
   manifest = embed_corpus(retriever, passages, args.out, shard_size=args.shard_size,
                           batch_size=args.batch_size, dtype=args.dtype)
@@ -63,12 +95,11 @@ def cmd_embed(args):
 
 
 def cmd_index(args):
-  from ragjax.data.corpus import read_passages
   from ragjax.retrieval.embed import load_embeddings
   from ragjax.retrieval.evaluate import build_index
   params = _params(args.param)
   retriever = embeddings = None
-  passages = read_passages(args.corpus) if args.corpus else None
+  passages = _load_corpus(args.corpus, split_words=args.split_words) if args.corpus else None
   if args.embeddings:
     embeddings, ids, emb_manifest = load_embeddings(args.embeddings)
     encoder = emb_manifest["encoder"]
@@ -89,18 +120,18 @@ def cmd_index(args):
     index.manifest["encoder"] = encoder
   if args.corpus:
     index.manifest["corpus"] = str(pathlib.Path(args.corpus).resolve())
+    index.manifest["split_words"] = args.split_words
   index.save(args.out)
   print(f"{args.kind} index of {index.count} passages published at {args.out} ({timings})")
 
 
 def cmd_retrieve(args):
-  from ragjax.data.corpus import read_passages
   from ragjax.retrieval.index import load_index
   index = load_index(args.index)
   corpus = args.corpus or index.manifest.get("corpus")
   if not corpus:
     raise SystemExit(f"{args.index}: the index does not name its corpus; pass --corpus FILE")
-  passages = {p.id: p for p in read_passages(corpus)}
+  passages = {p.id: p for p in _load_corpus(corpus, split_words=index.manifest.get("split_words", 0))}
   if index.kind == "bm25":
     queries = [args.question]
   else:
@@ -120,10 +151,9 @@ def cmd_retrieve(args):
 
 
 def cmd_eval_retrieval(args):
-  from ragjax.data.corpus import read_passages
   from ragjax.data.qa import read_questions
   from ragjax.retrieval.evaluate import evaluate_retrieval
-  passages = read_passages(args.corpus)
+  passages = _load_corpus(args.corpus, split_words=args.split_words)
   questions = read_questions(args.questions)
   if args.limit_questions:
     questions = questions[:args.limit_questions]
@@ -131,9 +161,19 @@ def cmd_eval_retrieval(args):
     kind, retriever = "bm25", None
   else:
     kind, retriever = args.index, _load_retriever(args.retriever, args.max_length)
+  embeddings = None
+  if args.embeddings and kind != "bm25":
+    from ragjax.retrieval.embed import load_embeddings
+    embeddings, ids, manifest = load_embeddings(args.embeddings)
+    if list(ids) != [p.id for p in passages]:
+      raise SystemExit(f"{args.embeddings}: passage ids differ from {args.corpus}")
+    if manifest["encoder"] != retriever.identity:
+      raise SystemExit(f"{args.embeddings}: embedded with {manifest['encoder']}, not with "
+                       f"{retriever.identity}")
   t0 = time.perf_counter()
   report = evaluate_retrieval(passages, questions, retriever, kind, args.k,
-                              batch_size=args.batch_size, **_params(args.param))
+                              batch_size=args.batch_size, embeddings=embeddings,
+                              **_params(args.param))
   report["timings"]["total_seconds"] = round(time.perf_counter() - t0, 3)
   report["corpus"], report["questions"] = str(args.corpus), str(args.questions)
   if args.out:
@@ -154,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=fn)
     return p
 
+  def corpus_args(p):
+    p.add_argument("--split-words", type=int, default=0,
+                   help="split documents into passages of this many words, title kept (DPR: 100)")
+
   def retriever_args(p, default="minilm"):
     p.add_argument("--retriever", default=default,
                    help="'minilm', or a HF BERT/DPR checkpoint directory (default: %(default)s)")
@@ -173,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   p.add_argument("--skip-invalid", action="store_true", help="skip (and count) bad records")
   retriever_args(p)
+  corpus_args(p)
 
   p = add("index", cmd_index, "build and atomically publish an exact, ScaNN or BM25 index")
   p.add_argument("--kind", choices=("exact", "scann", "bm25"), required=True)
@@ -181,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--corpus", help="corpus file (embedded here when --embeddings is absent)")
   p.add_argument("--param", action="append", help="index parameter key=value (repeatable)")
   retriever_args(p)
+  corpus_args(p)
 
   p = add("retrieve", cmd_retrieve, "print the top-k passages for a question")
   p.add_argument("question")
@@ -199,8 +245,19 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--k", type=_ks, default=[1, 5, 20])
   p.add_argument("--out", help="write the full JSON report here")
   p.add_argument("--limit-questions", type=int, default=None)
+  p.add_argument("--embeddings", help="reuse passage embeddings from `ragjax embed` (checked "
+                 "against the corpus ids and the retriever)")
   p.add_argument("--param", action="append", help="index parameter key=value (repeatable)")
   retriever_args(p)
+  corpus_args(p)
+
+  p = add("store", cmd_store, "write a corpus or question file to a TFDS array_record dataset "
+          "(streams; read back by every command that takes --corpus)")
+  p.add_argument("--corpus")
+  p.add_argument("--questions")
+  p.add_argument("--out", required=True, help="TFDS data_dir")
+  p.add_argument("--name", default="corpus", help="dataset name (lower-case, digits, _)")
+  p.add_argument("--overwrite", action="store_true")
   return parser
 
 

@@ -69,3 +69,30 @@ def test_bad_input_gives_a_clear_error(tmp_path, capsys):
   assert f"{bad}:2" in err and "text" in err
   with pytest.raises(SystemExit):
     run("eval-retrieval", "--corpus", bad, "--questions", bad, "--k", "1,x")
+
+
+def test_store_then_embed_from_array_record(bios, tmp_path, capsys):
+  assert run("store", "--corpus", bios / "corpus.jsonl", "--out", tmp_path / "tfds",
+             "--name", "bios") == 0
+  path = capsys.readouterr().out.split(" at ")[-1].strip()
+  assert run("embed", "--corpus", path, "--out", tmp_path / "a") == 0
+  assert run("embed", "--corpus", bios / "corpus.jsonl", "--out", tmp_path / "b") == 0
+  a = json.loads((tmp_path / "a" / "manifest.json").read_text())
+  b = json.loads((tmp_path / "b" / "manifest.json").read_text())
+  assert a["corpus_sha256"] == b["corpus_sha256"] and a["passage_ids"] == b["passage_ids"]
+  assert (tmp_path / "a" / "shard-00000.npy").read_bytes() == \
+      (tmp_path / "b" / "shard-00000.npy").read_bytes()
+
+
+def test_split_words_splits_long_documents(tmp_path):
+  doc = {"id": "d", "title": "Long", "text": " ".join(f"w{i}" for i in range(250))}
+  (tmp_path / "c.jsonl").write_text(json.dumps(doc) + "\n")
+  (tmp_path / "q.jsonl").write_text(json.dumps(
+      {"id": "q", "question": "w210?", "answers": ["w210"], "gold_passage_ids": ["d-2"]}) + "\n")
+  out = tmp_path / "r.json"
+  assert run("eval-retrieval", "--corpus", tmp_path / "c.jsonl", "--questions",
+             tmp_path / "q.jsonl", "--retriever", "bm25", "--split-words", 100, "--k", "1,3",
+             "--out", out) == 0
+  report = json.loads(out.read_text())
+  assert report["num_passages"] == 3
+  assert report["recall"]["gold"]["1"] == 1.0 and report["recall"]["answer"]["1"] == 1.0

@@ -86,7 +86,7 @@ def recall_report(passages, questions, rows_nk: np.ndarray, ks: Sequence[int]) -
 
 def evaluate_retrieval(passages, questions, retriever, index_kind: str, ks: Sequence[int],
                        batch_size: int = 64, progress: bool = True, index: Index | None = None,
-                       **index_params) -> dict:
+                       embeddings=None, **index_params) -> dict:
   """Build (or take) an index, retrieve for every question and report recall@k and timings.
 
   Returns a JSON-able dict: `num_questions`, `num_passages`, `index`, `retriever`,
@@ -99,8 +99,8 @@ def evaluate_retrieval(passages, questions, retriever, index_kind: str, ks: Sequ
     raise ValueError(f"k={ks[-1]} exceeds the corpus size {len(passages)}")
   timings = {}
   if index is None:
-    index, timings = build_index(index_kind, passages, retriever, batch_size=batch_size,
-                                 progress=progress, **index_params)
+    index, timings = build_index(index_kind, passages, retriever, embeddings=embeddings,
+                                 batch_size=batch_size, progress=progress, **index_params)
   _, rows, search_timings = search_questions(index, questions, ks[-1], retriever,
                                              progress=progress)
   timings.update(search_timings)
