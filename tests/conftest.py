@@ -58,3 +58,24 @@ def write_tiny_bert(path, seed=0, hidden=32, layers=2, heads=4, intermediate=37,
 def tiny_bert_dir(tmp_path):
   path, _ = write_tiny_bert(tmp_path / "tiny_bert")
   return path
+
+
+def write_bytes(path, text, *, gz=False):
+  """Write `text` (str as UTF-8, or bytes) to `path`, gzip-compressed when `gz`."""
+  import gzip
+  data = text.encode("utf-8") if isinstance(text, str) else text
+  path.write_bytes(gzip.compress(data) if gz else data)
+  return path
+
+
+def check_error(err, path, line, field=None, *words):
+  """A DataError names file and line (`path:line:`), the field, and what was expected."""
+  msg = str(err)
+  where = f"{path}:{line}:" if line is not None else f"{path}:"
+  assert msg.startswith(where), msg
+  assert err.line == line
+  assert err.field == field
+  if field is not None:
+    assert f"field {field!r}" in msg
+  for w in words:
+    assert w in msg, (w, msg)

@@ -7,26 +7,10 @@ import pytest
 
 from ragjax.data import corpus
 from ragjax.data.corpus import Passage, iter_passages, read_passages, split_document
+from conftest import check_error as _check_error, write_bytes as _write
 from ragjax.errors import DataError
 
 
-def _write(path, text, *, gz=False):
-  data = text.encode("utf-8") if isinstance(text, str) else text
-  path.write_bytes(gzip.compress(data) if gz else data)
-  return path
-
-
-def _check_error(err, path, line, field=None, *words):
-  """The message names file and line (`path:line:`), the field, and what was expected."""
-  msg = str(err)
-  where = f"{path}:{line}:" if line is not None else f"{path}:"
-  assert msg.startswith(where), msg
-  assert err.line == line
-  assert err.field == field
-  if field is not None:
-    assert f"field {field!r}" in msg
-  for w in words:
-    assert w in msg, (w, msg)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,25 +8,10 @@ import pytest
 
 from ragjax.data import qa
 from ragjax.data.qa import Question, iter_questions, read_questions
+from conftest import check_error as _check_error, write_bytes as _write
 from ragjax.errors import DataError
 
 
-def _write(path, text, *, gz=False):
-  data = text.encode("utf-8") if isinstance(text, str) else text
-  path.write_bytes(gzip.compress(data) if gz else data)
-  return path
-
-
-def _check_error(err, path, line, field=None, *words):
-  msg = str(err)
-  where = f"{path}:{line}:" if line is not None else f"{path}:"
-  assert msg.startswith(where), msg
-  assert err.line == line
-  assert err.field == field
-  if field is not None:
-    assert f"field {field!r}" in msg
-  for w in words:
-    assert w in msg, (w, msg)
 
 
 # ---------------------------------------------------------------------------------------------

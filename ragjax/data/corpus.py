@@ -339,18 +339,24 @@ def _iter_passages(path, fmt, policy: ErrorPolicy, *, squad_prefix: str, unique:
     records = _squad_passages(path, policy, squad_prefix)
   else:
     records = (_jsonl_passages if fmt == "jsonl" else _dpr_tsv_passages)(path, policy)
+  yield from checked_records(records, path, policy, kind="passage", unique=unique)
+
+
+def checked_records(records, path, policy: ErrorPolicy, *, kind: str, unique: bool):
+  """Yield the records of `(line, record)` pairs, counting them into `policy`; with `unique`, a
+  repeated `record.id` is a `DataError` naming both lines (or skipped and counted)."""
   first_line: dict[str, int | None] = {}
-  for line, p in records:
+  for line, rec in records:
     if unique:
-      if p.id in first_line:
-        seen = first_line[p.id]
+      if rec.id in first_line:
+        seen = first_line[rec.id]
         first = f" (first at line {seen})" if seen is not None else ""
-        policy.bad(DataError(f"duplicate passage id {p.id!r}{first}; expected unique ids",
+        policy.bad(DataError(f"duplicate {kind} id {rec.id!r}{first}; expected unique ids",
                              path=path, line=line, field="id"))
         continue
-      first_line[p.id] = line
+      first_line[rec.id] = line
     policy.ok()
-    yield p
+    yield rec
 
 
 def iter_passages(path, fmt: str | None = None, *, skip_invalid: bool = False,

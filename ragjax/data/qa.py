@@ -322,18 +322,8 @@ def _iter_questions(path, fmt, policy, *, require_answers, answers_are_regex, sq
   kw = dict(regex=regex, require=require_answers)
   if fmt == "squad":
     kw["squad_prefix"] = squad_prefix
-  first_line: dict[str, int | None] = {}
-  for line, q in _READERS[fmt](path, policy, **kw):
-    if unique:
-      if q.id in first_line:
-        seen = first_line[q.id]
-        first = f" (first at line {seen})" if seen is not None else ""
-        policy.bad(DataError(f"duplicate question id {q.id!r}{first}; expected unique ids",
-                             path=path, line=line, field="id"))
-        continue
-      first_line[q.id] = line
-    policy.ok()
-    yield q
+  yield from corpus.checked_records(_READERS[fmt](path, policy, **kw), path, policy,
+                                   kind="question", unique=unique)
 
 
 def iter_questions(path, fmt: str | None = None, *, require_answers: bool = True,
