@@ -30,6 +30,7 @@ HEADER = ("# ragjax benchmark results\n\n"
           "Written by the scripts in `bench/` (see `bench/README.md`); each script replaces its "
           "own section. Absolute numbers depend on the machine and on what else ran on it: "
           "compare the ratios, which are measured within one invocation.\n")
+_LOAD_AT_IMPORT = os.getloadavg()  # the scripts import this module first thing
 THREAD_ENV = ("XLA_FLAGS", "JAX_PLATFORMS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
               "OPENBLAS_NUM_THREADS", "TOKENIZERS_PARALLELISM")
 
@@ -57,6 +58,12 @@ def median(xs: Sequence[float]) -> float:
   return float(statistics.median(xs))
 
 
+def paired_ratio(seconds: dict[str, list[float]], a: str, b: str) -> float:
+  """Median over interleaved rounds of speed(a) / speed(b) = seconds(b) / seconds(a): each round's
+  two runs are adjacent in time, so this follows a load that drifts during the benchmark."""
+  return median([sb / sa for sa, sb in zip(seconds[a], seconds[b])])
+
+
 def _meminfo_gib() -> float | None:
   try:
     text = pathlib.Path("/proc/meminfo").read_text()
@@ -77,12 +84,13 @@ def _cpu_model() -> str:
 
 
 def machine() -> str:
-  """One line: usable cores, RAM, CPU model, load average when the script started."""
+  """One line: usable cores, RAM, CPU model, load averages when the script started and now."""
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   ram = _meminfo_gib()
-  load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+  load = lambda xs: "/".join(f"{x:.1f}" for x in xs)
   return (f"nproc {cores}, RAM {ram:.1f} GiB, {_cpu_model()}, {platform.system()} "
-          f"{platform.release()}, load average {load} (1/5/15 min) at start")
+          f"{platform.release()}; load average (1/5/15 min) {load(_LOAD_AT_IMPORT)} at start, "
+          f"{load(os.getloadavg())} at end")
 
 
 def versions(*dists: str) -> str:
