@@ -46,7 +46,7 @@ def parse_args(argv=None):
   ap.add_argument("--limit", type=int, default=None, help="use only the first N passages")
   ap.add_argument("--batch-size", type=int, default=64)
   ap.add_argument("--max-length", type=int, default=256)
-  ap.add_argument("--reps", type=int, default=3, help="timed passes per system (interleaved)")
+  ap.add_argument("--reps", type=int, default=5, help="timed passes per system (interleaved)")
   ap.add_argument("--no-write", action="store_true", help="do not touch bench/RESULTS.md")
   return ap.parse_args(argv)
 

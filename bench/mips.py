@@ -3,9 +3,11 @@
 Data: `--clusters` Gaussian centres on the unit sphere; each vector is a random centre plus
 N(0, noise^2) per dimension, L2-normalised; queries are held-out vectors drawn the same way (all
 seeded). Ground truth top-k is a chunked numpy matmul. Each approximate method sweeps its search
-knob upward until recall@k reaches `--target-recall` (ScaNN: `leaves_to_search` for each
-`reorder_k`; HNSW: `efSearch`); the fastest qualifying setting of each is then re-timed, with the
-exact index, `--reps` times interleaved, and the medians compared.
+knob upward until recall@k reaches `--target-recall`, then bisects the last step (ScaNN:
+`leaves_to_search` for each `reorder_k`; HNSW: `efSearch`, and if no efSearch reaches the target,
+a rebuild with doubled `efConstruction` while the build budget allows). The fastest qualifying
+setting of each is then re-timed, with the exact index, `--reps` times interleaved, and the
+medians compared.
 
   python bench/mips.py                       # 1,000,000 x 384, 1,000 queries (HNSW build: minutes)
   python bench/mips.py --quick --no-write    # 50,000 vectors, 200 queries: a try-out
@@ -13,8 +15,10 @@ exact index, `--reps` times interleaved, and the medians compared.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
+from typing import Callable
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -24,19 +28,19 @@ import numpy as np  # noqa: E402
 
 import _results  # noqa: E402
 from ragjax.retrieval.index import ExactIndex  # noqa: E402
-from ragjax.retrieval.scann_index import ScannIndex, default_params  # noqa: E402
+from ragjax.retrieval.scann_index import ScannIndex  # noqa: E402
 
-SCANN_LEAVES = (2, 4, 8, 16, 32, 64, 128, 256)
-SCANN_REORDER = (20, 50, 100, 250)
+SCANN_LEAVES = (2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+SCANN_REORDER = (20, 50, 100, 150, 250, 500)
 HNSW_EF = (10, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
 
 def parse_args(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--num-vectors", type=int, default=1_000_000)
-  ap.add_argument("--num-queries", type=int, default=1_000)
+  ap.add_argument("--num-vectors", type=int, default=None, help="default 1,000,000")
+  ap.add_argument("--num-queries", type=int, default=None, help="default 1,000")
   ap.add_argument("--quick", action="store_true",
-                  help="50,000 vectors, 200 queries, 2 reps (overrides those flags)")
+                  help="a try-out: defaults of 50,000 vectors, 200 queries, 2 reps")
   ap.add_argument("--dim", type=int, default=384)
   ap.add_argument("--clusters", type=int, default=2_000)
   ap.add_argument("--noise", type=float, default=0.05,
@@ -44,16 +48,24 @@ def parse_args(argv=None):
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--k", type=int, default=10)
   ap.add_argument("--target-recall", type=float, default=0.95)
-  ap.add_argument("--reps", type=int, default=3, help="interleaved timed runs of the winners")
+  ap.add_argument("--reps", type=int, default=None,
+                  help="interleaved timed runs of the winners (default 5)")
   ap.add_argument("--threads", type=int, default=2,
                   help="faiss OpenMP threads and ScaNN build threads")
   ap.add_argument("--hnsw-m", type=int, default=32)
-  ap.add_argument("--ef-construction", type=int, default=40)
+  ap.add_argument("--ef-construction", type=int, default=40,
+                  help="first HNSW build; doubled and rebuilt while the target recall is not "
+                       "reached and the next build fits in --hnsw-budget-s")
+  ap.add_argument("--hnsw-budget-s", type=float, default=1800,
+                  help="total seconds for HNSW builds (a doubled efConstruction is assumed to "
+                       "take 2x the last build)")
   ap.add_argument("--skip-hnsw", action="store_true")
   ap.add_argument("--no-write", action="store_true", help="do not touch bench/RESULTS.md")
   args = ap.parse_args(argv)
-  if args.quick:
-    args.num_vectors, args.num_queries, args.reps = 50_000, 200, 2
+  defaults = (50_000, 200, 2) if args.quick else (1_000_000, 1_000, 5)
+  for name, value in zip(("num_vectors", "num_queries", "reps"), defaults):
+    if getattr(args, name) is None:
+      setattr(args, name, value)
   return args
 
 
@@ -105,26 +117,151 @@ def recall(rows_qk: np.ndarray, truth_qk: np.ndarray) -> float:
   return float(hits.mean())
 
 
-def sweep(name, settings, search, truth, target, nq):
-  """Run `search(setting) -> rows` for settings in increasing cost until recall >= target (or
-  stops improving); each setting is timed twice, the faster run counts. Returns the list of
-  (setting, recall, qps)."""
+def sweep(name, values, search, truth, target, nq, refine: int = 3):
+  """Raise an integer knob through `values` (increasing cost) until recall >= target, or until
+  recall stops improving; then bisect up to `refine` times between the last value that missed the
+  target and the first that reached it. `search(value) -> rows`; each value is timed twice, the
+  faster run counts. Returns the list of (value, recall, qps) in the order run."""
   points = []
-  for setting in settings:
-    (rows, sec), (_, sec2) = (_results.timed(lambda: search(setting)) for _ in range(2))
-    sec = min(sec, sec2)
-    points.append((setting, recall(rows, truth), nq / sec))
-    log(f"{name} {setting}: recall {points[-1][1]:.4f}, {points[-1][2]:,.0f} q/s")
-    if points[-1][1] >= target:
+
+  def run(value):
+    (rows, sec), (_, sec2) = (_results.timed(lambda: search(value)) for _ in range(2))
+    points.append((value, recall(rows, truth), nq / min(sec, sec2)))
+    log(f"{name} {value}: recall {points[-1][1]:.4f}, {points[-1][2]:,.0f} q/s")
+    return points[-1][1] >= target
+
+  lo = None
+  for value in values:
+    if run(value):
       break
     if len(points) >= 2 and points[-1][1] - points[-2][1] < 0.002:
-      break  # plateau: limited by the other knob (e.g. reorder_k), more of this one won't do
+      return points  # plateau: limited by another knob (e.g. reorder_k)
+    lo = value
+  else:
+    return points
+  hi = points[-1][0]
+  for _ in range(refine if lo is not None else 0):
+    mid = (lo + hi) // 2
+    if mid in (lo, hi):
+      break
+    if run(mid):
+      hi = mid
+    else:
+      lo = mid
   return points
 
 
 def best_point(points, target):
   ok = [p for p in points if p[1] >= target]
   return max(ok, key=lambda p: p[2]) if ok else None
+
+
+@dataclasses.dataclass
+class Method:
+  """One contender at its chosen setting: `search() -> rows [Q, k]`."""
+  label: str
+  build_s: float
+  setting: str
+  search: Callable[[], np.ndarray]
+  recall: float = float("nan")
+
+
+def run_exact(data_nd, ids, queries_qd, truth_qk, k) -> tuple[Method, str]:
+  exact = ExactIndex.build(data_nd, ids)
+  # The first call compiles and copies the corpus to the device.
+  _, first_s = _results.timed(lambda: exact.search_rows(queries_qd, k))
+  prm = exact.manifest["params"]
+  m = Method("ragjax ExactIndex (JAX chunked matmul + top-k, XLA CPU threads)",
+             exact.manifest["build_seconds"],
+             f"chunk {prm['chunk']}, query_batch {prm['query_batch']}, {prm['dtype']}",
+             lambda: exact.search_rows(queries_qd, k)[1])
+  rows, sec = _results.timed(m.search)
+  log(f"exact: recall {recall(rows, truth_qk):.4f}, {len(queries_qd) / sec:,.0f} q/s (first call "
+      f"{first_s:.1f} s)")
+  return m, f"exact: first search (compile + copy to device) {first_s:.1f} s"
+
+
+def run_scann(data_nd, ids, queries_qd, truth_qk, args) -> tuple[list[Method], str, list]:
+  """Our ScannIndex (its search_rows: single-threaded `search_batched`) at the fastest swept
+  setting, and the same searcher's `search_batched_parallel` at that setting."""
+  k, nq = args.k, len(queries_qd)
+  scann = ScannIndex.build(data_nd, ids, threads=args.threads)
+  p = scann.manifest["params"]
+  note = (f"ScaNN: num_leaves {p['num_leaves']}, training sample {p['training_sample_size']:,}, "
+          f"dims_per_block {p['dims_per_block']}, anisotropic threshold "
+          f"{p['anisotropic_threshold']}, {p['threads']} build threads")
+  log(f"scann built in {scann.manifest['build_seconds']:.1f} s ({note})")
+  leaves = [x for x in SCANN_LEAVES if x < p["num_leaves"]]
+  leaves += [p["num_leaves"]] if p["num_leaves"] <= max(SCANN_LEAVES) else []
+  points = []
+  for reorder in SCANN_REORDER:
+    points += [((lv, reorder), r, q) for lv, r, q in sweep(
+        f"scann reorder_k {reorder}, leaves_to_search", leaves,
+        lambda lv: scann.search_rows(queries_qd, k, leaves_to_search=lv, reorder_k=reorder)[1],
+        truth_qk, args.target_recall, nq)]
+  rows, sec = _results.timed(lambda: scann.search_rows(queries_qd, k)[1])
+  rows, sec2 = _results.timed(lambda: scann.search_rows(queries_qd, k)[1])
+  sweep_rows = [["ScaNN", f"leaves {s[0]}, reorder {s[1]}", f"{r:.4f}", f"{q:,.0f}"]
+                for s, r, q in points]
+  sweep_rows.append(["ScaNN", f"default_params: leaves {p['leaves_to_search']}, reorder "
+                     f"{p['reorder_k']}", f"{recall(rows, truth_qk):.4f}",
+                     f"{nq / min(sec, sec2):,.0f}"])
+  best = best_point(points, args.target_recall)
+  if best is None:
+    return [], note + "; target recall not reached", sweep_rows
+  lv, ro = best[0]
+  setting = f"leaves_to_search {lv}, reorder_k {ro}"
+  build_s = scann.manifest["build_seconds"]
+  return [
+      Method("ragjax ScannIndex.search_rows (ScaNN search_batched, 1 thread)", build_s, setting,
+             lambda: scann.search_rows(queries_qd, k, leaves_to_search=lv, reorder_k=ro)[1]),
+      Method(f"same ScaNN searcher, search_batched_parallel ({args.threads} threads)", build_s,
+             setting, lambda: np.asarray(scann.searcher.search_batched_parallel(
+                 queries_qd, k, max(k, ro), lv)[0], np.int64)),
+  ], note, sweep_rows
+
+
+def build_hnsw(data_nd, args, ef_construction):
+  hnsw = faiss.IndexHNSWFlat(args.dim, args.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+  hnsw.hnsw.efConstruction = ef_construction
+  t0 = time.perf_counter()
+  step = max(len(data_nd) // 10, 1)
+  for s in range(0, len(data_nd), step):
+    hnsw.add(data_nd[s:s + step])
+    log(f"hnsw (efConstruction {ef_construction}) added {min(s + step, len(data_nd)):,}/"
+        f"{len(data_nd):,} ({time.perf_counter() - t0:.0f} s)")
+  return hnsw, time.perf_counter() - t0
+
+
+def run_hnsw(data_nd, queries_qd, truth_qk, args) -> tuple[list[Method], str, list]:
+  """faiss HNSW, efSearch swept; while the target is not reached, rebuild with a doubled
+  efConstruction if that fits in the build budget."""
+  k, nq = args.k, len(queries_qd)
+  ef_c, spent, notes, sweep_rows = args.ef_construction, 0.0, [], []
+  while True:
+    hnsw, build_s = build_hnsw(data_nd, args, ef_c)
+    spent += build_s
+
+    def search(ef, hnsw=hnsw):
+      hnsw.hnsw.efSearch = ef
+      return hnsw.search(queries_qd, k)[1]
+    points = sweep(f"hnsw efC {ef_c} efSearch", HNSW_EF, search, truth_qk, args.target_recall, nq)
+    sweep_rows += [[f"HNSW efConstruction {ef_c}", f"efSearch {s}", f"{r:.4f}", f"{q:,.0f}"]
+                   for s, r, q in points]
+    best = best_point(points, args.target_recall)
+    notes.append(f"efConstruction {ef_c}: built in {build_s:.0f} s, best recall "
+                 f"{max(p[1] for p in points):.4f}")
+    if best is not None:
+      ef = best[0]
+      return [Method(f"faiss IndexHNSWFlat M {args.hnsw_m} ({args.threads} threads)", build_s,
+                     f"efConstruction {ef_c}, efSearch {ef}", lambda: search(ef))], \
+          "HNSW: " + "; ".join(notes), sweep_rows
+    del hnsw
+    if spent + 2 * build_s > args.hnsw_budget_s:
+      notes.append(f"stopped: a build with efConstruction {2 * ef_c} would not fit the "
+                   f"{args.hnsw_budget_s:.0f} s budget")
+      return [], "HNSW: " + "; ".join(notes), sweep_rows
+    ef_c *= 2
 
 
 def main(argv=None):
@@ -140,120 +277,58 @@ def main(argv=None):
   log(f"numpy ground truth in {truth_s:.1f} s ({nq / truth_s:,.0f} q/s); mean top-1 score "
       f"{top1:.3f}")
   ids = [str(i) for i in range(n)]
-  builds, results = {}, {}
 
-  # Exact (JAX): recall 1.0 by construction; checked against numpy.
-  exact = ExactIndex.build(data_nd, ids)
-  # The first call compiles and copies the corpus to the device.
-  _, first_s = _results.timed(lambda: exact.search_rows(queries_qd, k))
-  exact_search = lambda: exact.search_rows(queries_qd, k)[1]
-  rows, sec = _results.timed(exact_search)
-  results["exact"] = {"recall": recall(rows, truth_qk), "setting": exact.manifest["params"]}
-  builds["exact"] = (exact.manifest["build_seconds"], f"first search (compile + copy to device) "
-                     f"{first_s:.1f} s")
-  log(f"exact: recall {results['exact']['recall']:.4f}, {nq / sec:,.0f} q/s (first call "
-      f"{first_s:.1f} s)")
-
-  # ScaNN through our ScannIndex (single-threaded search_batched), and its searcher's
-  # search_batched_parallel at the same setting.
-  scann = ScannIndex.build(data_nd, ids, threads=args.threads)
-  p = scann.manifest["params"]
-  builds["scann"] = (scann.manifest["build_seconds"],
-                     f"num_leaves {p['num_leaves']}, training sample {p['training_sample_size']:,},"
-                     f" dims_per_block {p['dims_per_block']}, threshold "
-                     f"{p['anisotropic_threshold']}, {args.threads} threads")
-  log(f"scann built in {builds['scann'][0]:.1f} s ({builds['scann'][1]})")
-  leaves = [x for x in SCANN_LEAVES if x < p["num_leaves"]]
-  leaves += [p["num_leaves"]] if p["num_leaves"] <= max(SCANN_LEAVES) else []
-  scann_points = []
-  for reorder in SCANN_REORDER:
-    scann_points += sweep(
-        "scann", [(lv, reorder) for lv in leaves],
-        lambda s: scann.search_rows(queries_qd, k, leaves_to_search=s[0], reorder_k=s[1])[1],
-        truth_qk, args.target_recall, nq)
-  default_rows, sec = _results.timed(lambda: scann.search_rows(queries_qd, k)[1])
-  scann_default = (f"default ({p['leaves_to_search']}, {p['reorder_k']})",
-                   recall(default_rows, truth_qk), nq / sec)
-  scann_best = best_point(scann_points, args.target_recall)
-
-  hnsw_points, hnsw_best = [], None
+  exact, exact_note = run_exact(data_nd, ids, queries_qd, truth_qk, k)
+  methods = {"exact": exact}
+  scann_methods, scann_note, sweep_rows = run_scann(data_nd, ids, queries_qd, truth_qk, args)
+  methods.update(zip(("scann", "scann_parallel"), scann_methods))
+  notes = [exact_note, scann_note]
   if not args.skip_hnsw:
-    hnsw = faiss.IndexHNSWFlat(args.dim, args.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-    hnsw.hnsw.efConstruction = args.ef_construction
-    t0 = time.perf_counter()
-    step = max(n // 10, 1)
-    for s in range(0, n, step):
-      hnsw.add(data_nd[s:s + step])
-      log(f"hnsw added {min(s + step, n):,}/{n:,} ({time.perf_counter() - t0:.0f} s)")
-    builds["hnsw"] = (time.perf_counter() - t0, f"M {args.hnsw_m}, efConstruction "
-                      f"{args.ef_construction}, {args.threads} OpenMP threads")
-
-    def hnsw_search(ef):
-      hnsw.hnsw.efSearch = ef
-      return hnsw.search(queries_qd, k)[1]
-    hnsw_points = sweep("hnsw efSearch", HNSW_EF, hnsw_search, truth_qk, args.target_recall, nq)
-    hnsw_best = best_point(hnsw_points, args.target_recall)
+    hnsw_methods, hnsw_note, hnsw_rows = run_hnsw(data_nd, queries_qd, truth_qk, args)
+    methods.update(zip(("hnsw",), hnsw_methods))
+    notes.append(hnsw_note)
+    sweep_rows += hnsw_rows
 
   # The winners, interleaved.
-  fns = {"exact": exact_search}
-  if scann_best:
-    lv, ro = scann_best[0]
-    fns["scann"] = lambda: scann.search_rows(queries_qd, k, leaves_to_search=lv, reorder_k=ro)[1]
-    fns["scann_parallel"] = lambda: np.asarray(scann.searcher.search_batched_parallel(
-        queries_qd, k, max(k, ro), lv)[0])
-  if hnsw_best:
-    fns["hnsw"] = lambda: hnsw_search(hnsw_best[0])
-  for name, fn in fns.items():
-    if name not in results:
-      results[name] = {"recall": recall(np.asarray(fn(), np.int64), truth_qk)}
-  secs = _results.time_interleaved(fns, args.reps)
+  for m in methods.values():
+    m.recall = recall(np.asarray(m.search(), np.int64), truth_qk)
+  secs = _results.time_interleaved({name: m.search for name, m in methods.items()}, args.reps)
   qps = {name: nq / _results.median(v) for name, v in secs.items()}
-  for name in fns:
-    log(f"{name}: recall {results[name]['recall']:.4f}, median {qps[name]:,.0f} q/s "
+  for name, m in methods.items():
+    log(f"{name}: recall {m.recall:.4f}, median {qps[name]:,.0f} q/s "
         f"(runs s {[round(x, 3) for x in secs[name]]})")
+  ratio_rows = []
+  for a, b in (("scann", "exact"), ("scann", "hnsw"), ("scann_parallel", "exact"),
+               ("scann_parallel", "hnsw"), ("hnsw", "exact")):
+    if a in qps and b in qps:
+      ratio_rows.append([f"{a} / {b}", f"{qps[a] / qps[b]:.2f}",
+                         f"{_results.paired_ratio(secs, a, b):.2f}"])
+      log(f"ratio {a} / {b}: {ratio_rows[-1][1]} (per-round median {ratio_rows[-1][2]})")
 
-  ratio = lambda a, b: f"{qps[a] / qps[b]:.2f}" if a in qps and b in qps else "n/a"
-  ratios = {"ScaNN / exact": ratio("scann", "exact"), "ScaNN / HNSW": ratio("scann", "hnsw"),
-            "ScaNN parallel / exact": ratio("scann_parallel", "exact"),
-            "ScaNN parallel / HNSW": ratio("scann_parallel", "hnsw")}
-  log("ratios (queries/s): " + ", ".join(f"{k_} {v}" for k_, v in ratios.items()))
-
-  fmt_setting = {
-      "exact": f"chunk {exact.manifest['params']['chunk']}, query_batch "
-               f"{exact.manifest['params']['query_batch']}, float32",
-      "scann": (f"leaves_to_search {scann_best[0][0]}, reorder_k {scann_best[0][1]}"
-                if scann_best else "target not reached"),
-      "hnsw": f"efSearch {hnsw_best[0]}" if hnsw_best else "target not reached / skipped",
-  }
-  fmt_setting["scann_parallel"] = fmt_setting["scann"]
-  labels = {"exact": "ragjax ExactIndex (JAX chunked matmul + top-k)",
-            "scann": "ragjax ScannIndex.search_rows (ScaNN search_batched, 1 thread)",
-            "scann_parallel": f"ScaNN searcher.search_batched_parallel ({args.threads} threads)",
-            "hnsw": f"faiss IndexHNSWFlat ({args.threads} threads)"}
-  build_of = {"exact": "exact", "scann": "scann", "scann_parallel": "scann", "hnsw": "hnsw"}
-  rows = [[labels[m], f"{builds[build_of[m]][0]:.1f}", fmt_setting[m],
-           f"{results[m]['recall']:.4f}", f"{qps[m]:,.0f}",
-           ", ".join(f"{nq / x:,.0f}" for x in secs[m])] for m in fns]
-  sweep_rows = [["ScaNN", f"leaves {s[0]}, reorder {s[1]}", f"{r:.4f}", f"{q:,.0f}"]
-                for s, r, q in scann_points]
-  sweep_rows.append(["ScaNN", scann_default[0], f"{scann_default[1]:.4f}",
-                     f"{scann_default[2]:,.0f}"])
-  sweep_rows += [["HNSW", f"efSearch {s}", f"{r:.4f}", f"{q:,.0f}"] for s, r, q in hnsw_points]
-  body = "\n\n".join([
+  rows = [[m.label, f"{m.build_s:.1f}", m.setting, f"{m.recall:.4f}", f"{qps[name]:,.0f}",
+           ", ".join(f"{nq / x:,.0f}" for x in secs[name])] for name, m in methods.items()]
+  missing = [name for name in ("scann", "hnsw") if name not in methods
+             and not (name == "hnsw" and args.skip_hnsw)]
+  body = "\n\n".join(part for part in [
       _results.table(["method", "build s", f"setting (fastest with recall@{k} >= "
                       f"{args.target_recall})", f"recall@{k}", "queries/s (median)",
                       "queries/s per run"], rows),
-      "**Ratios (queries/s, same invocation):** " + "; ".join(
-          f"{a} **{b}**" for a, b in ratios.items()),
-      "Build notes: " + "; ".join(f"{m}: {v[1]}" for m, v in builds.items()) + ".",
-      f"Sweeps (best of two timed runs per setting, stopping at the first setting that reaches "
-      f"recall {args.target_recall} or stops improving):",
+      (f"Did not reach recall@{k} >= {args.target_recall}: {', '.join(missing)} (see the "
+       "sweeps)." if missing else ""),
+      "Ratios of queries/s (same invocation; ratio of the medians, and the median of the "
+      "per-round ratios):" if ratio_rows else "",
+      _results.table(["ratio", "of medians", "per-round median"], ratio_rows)
+      if ratio_rows else "",
+      "Build notes: " + "; ".join(notes) + ".",
+      f"Sweeps (best of two timed runs per setting; each sweep raises its knob until recall "
+      f"reaches {args.target_recall} or stops improving, then bisects the last step):",
       _results.table(["method", "setting", f"recall@{k}", "queries/s"], sweep_rows),
-  ])
+  ] if part)
   setup = {
       "versions": _results.versions("jax", "jaxlib", "scann", "faiss-cpu", "numpy"),
       "threads": f"faiss.omp_get_max_threads() {faiss.omp_get_max_threads()}; ScaNN build "
-                 f"threads {args.threads}; jax {jax.default_backend()} devices "
+                 f"threads {args.threads}, search 1 thread (search_rows) or {args.threads} "
+                 f"(search_batched_parallel); jax {jax.default_backend()} devices "
                  f"{len(jax.devices())}; {_results.thread_env()}",
       "workload": f"{n:,} x {args.dim} float32, {args.clusters:,} Gaussian clusters on the unit "
                   f"sphere, noise std {args.noise}/dim, L2-normalised, seed {args.seed}; "

@@ -74,6 +74,8 @@ def test_scann_recall_against_exact(tmp_path, n, overrides):
   ref = brute_force(q, x, 10)
   recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, ref)])
   assert recall >= 0.95
+  # >= 256 queries go through ScaNN's multi-threaded path: same answers.
+  np.testing.assert_array_equal(idx.search_rows(np.tile(q, (3, 1)), 10)[1], np.tile(rows, (3, 1)))
   idx.save(tmp_path / "scann")
   again = load_index(tmp_path / "scann", expect_dim=32, expect_count=n)
   np.testing.assert_array_equal(again.search_rows(q, 10)[1], rows)
