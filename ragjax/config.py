@@ -1,0 +1,111 @@
+"""Experiment configs: one Python file per experiment, `get_config(arg) -> ConfigDict`.
+
+  ragjax train --config experiments/bios.py:smoke --config.total_steps=50 --workdir runs/x
+
+`load_config("file.py:arg")` imports the file and calls `get_config(arg)`; `parse_arg` turns the
+argument string ("smoke,loss=rag_token") into a ConfigDict of typed values; `apply_overrides`
+applies `--config.a.b=value` strings, refusing unknown keys (the message lists the valid ones)
+and parsing each value as the type of the field it replaces.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import pathlib
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config file, argument or override that cannot be applied; the message says which."""
+
+
+def _literal(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """`"smoke,loss=rag_token,k=3"` -> ConfigDict(smoke=True, loss="rag_token", k=3).
+
+  Only keys present in `defaults` are allowed; a bare key sets True.
+  Raises:
+    ConfigError: an unknown key (listing the known ones).
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+    key, sep, value = item.partition("=")
+    if key not in defaults:
+      raise ConfigError(f"config argument {key!r}: unknown; known: {sorted(defaults)}")
+    out[key] = _literal(value) if sep else True
+  return out
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Import `path.py` (`spec` is `path.py` or `path.py:arg`) and return `get_config(arg)`.
+
+  Raises:
+    ConfigError: missing file, or no `get_config` in it.
+  """
+  path, _, arg = spec.partition(":")
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise ConfigError(f"config file {file}: not found")
+  module_spec = importlib.util.spec_from_file_location(f"ragjax_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {file}: defines no get_config(arg)")
+  cfg = module.get_config(arg or None)
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    raise ConfigError(f"config file {file}: get_config returned {type(cfg).__name__}, "
+                      "expected ml_collections.ConfigDict")
+  return cfg
+
+
+def _coerce(old, text: str, key: str):
+  if isinstance(old, bool):
+    if text.lower() in ("true", "1", "yes"):
+      return True
+    if text.lower() in ("false", "0", "no"):
+      return False
+    raise ConfigError(f"--config.{key}={text}: expected true or false")
+  if isinstance(old, int):
+    try:
+      return int(text)
+    except ValueError:
+      raise ConfigError(f"--config.{key}={text}: expected an integer") from None
+  if isinstance(old, float):
+    try:
+      return float(text)
+    except ValueError:
+      raise ConfigError(f"--config.{key}={text}: expected a number") from None
+  if isinstance(old, str):
+    return text
+  return _literal(text)
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
+  """Apply `["--config.a.b=v", "a.c=w", ...]` to `cfg` in place and return it.
+
+  Raises:
+    ConfigError: a malformed override, or an unknown key (naming the valid keys at that level).
+  """
+  for item in overrides or []:
+    text = item[len("--config."):] if item.startswith("--config.") else item
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+      raise ConfigError(f"{item!r}: expected --config.key=value")
+    node, parts = cfg, key.split(".")
+    for i, part in enumerate(parts):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        where = ".".join(parts[:i]) or "<top level>"
+        valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        raise ConfigError(f"--config.{key}: unknown key {part!r} in {where}; valid keys: {valid}")
+      if i < len(parts) - 1:
+        node = node[part]
+    last = parts[-1]
+    node[last] = _coerce(node[last], value, key)
+  return cfg
