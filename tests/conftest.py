@@ -13,6 +13,16 @@ import pytest  # noqa: E402
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+  """Tiny torch models on a loaded CPU: one thread is ~100x faster than contended threads."""
+  import torch
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def shared_data():
   """`../shared/data`, or skip the test when the real evaluation data is not beside the repo."""

@@ -16,13 +16,7 @@ from ragjax.models.seq2seq_import import load_seq2seq_dir
 MAX_NEW = 12
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-  """Tiny torch models on a loaded CPU: one thread is ~100x faster than contended threads."""
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_generating_bart(path, seed):

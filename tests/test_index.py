@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from ragjax.errors import IndexFormatError
-from ragjax.retrieval import index as index_lib
 from ragjax.retrieval.bm25_index import BM25Index
 from ragjax.retrieval.index import ExactIndex, load_index, topk_chunked
 from ragjax.retrieval.scann_index import ScannIndex, default_params

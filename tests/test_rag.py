@@ -29,13 +29,7 @@ RTOL = 1e-5
 LOGIT_SCALE, EOS_BIAS = 10.0, 1.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-  """Tiny torch models on a loaded CPU: one thread is far faster than contended threads."""
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _rel(ours, ref):

@@ -25,13 +25,7 @@ from ragjax.models.seq2seq_import import (abstract_seq2seq_params, load_seq2seq_
 VOCAB = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-  """Tiny torch models on a loaded CPU: one thread is ~100x faster than contended threads."""
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _save(net, path):
