@@ -148,6 +148,9 @@ def write_section(key: str, text: str, path: pathlib.Path = RESULTS) -> pathlib.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
       f.write(new)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file a normal mode
     os.replace(tmp, path)
   finally:
     os.close(dir_fd)  # releases the lock

@@ -220,25 +220,19 @@ def _import_backends():
   from ragjax.retrieval import bm25_index, scann_index  # noqa: F401
 
 
-def topk_chunked(queries_bd: jax.Array, corpus_nd: jax.Array, k: int, chunk: int = 65536,
-                 approximate: bool = False, recall_target: float = 0.95):
-  """Exact (or approximate) MIPS top-k scanning the corpus in chunks: memory O(B * chunk).
-
-  Scores are inner products `q . d` (DPR eq. 1). `approximate=True` uses `jax.lax.approx_max_k`
-  (Chern et al. 2022, TPU-KNN) per chunk.
-
-  Args:
-    queries_bd: `[B, D]` float.
-    corpus_nd: `[N, D]` float (N is padded internally to a multiple of the chunk size).
-    k: neighbours per query, `k <= N`.
-  Returns:
-    `(scores [B, k] float32, rows [B, k] int32)`, best first.
-  """
+def block_corpus(corpus_nd: jax.Array, chunk: int) -> jax.Array:
+  """`[N, D]` -> `[ceil(N / chunk), chunk, D]`, zero-padded: the layout `topk_blocks` scans.
+  Do it once per corpus (it copies the corpus), not once per search."""
   n, d = corpus_nd.shape
   chunk = int(min(chunk, n))
   num_chunks = -(-n // chunk)
-  pad = num_chunks * chunk - n
-  corpus_cnd = jnp.pad(corpus_nd, ((0, pad), (0, 0))).reshape(num_chunks, chunk, d)
+  return jnp.pad(corpus_nd, ((0, num_chunks * chunk - n), (0, 0))).reshape(num_chunks, chunk, d)
+
+
+def topk_blocks(queries_bd: jax.Array, corpus_cnd: jax.Array, n: int, k: int,
+                approximate: bool = False, recall_target: float = 0.95):
+  """Top-k over a blocked corpus `[C, chunk, D]` holding `n` real rows (see `topk_chunked`)."""
+  chunk = corpus_cnd.shape[1]
   kc = min(k, chunk)
 
   def body(carry, xs):
@@ -259,8 +253,26 @@ def topk_chunked(queries_bd: jax.Array, corpus_nd: jax.Array, k: int, chunk: int
 
   b = queries_bd.shape[0]
   init = (jnp.full((b, k), -jnp.inf, jnp.float32), jnp.zeros((b, k), jnp.int32))
-  (scores, rows), _ = jax.lax.scan(body, init, (corpus_cnd, jnp.arange(num_chunks)))
+  (scores, rows), _ = jax.lax.scan(body, init, (corpus_cnd, jnp.arange(corpus_cnd.shape[0])))
   return scores, rows
+
+
+def topk_chunked(queries_bd: jax.Array, corpus_nd: jax.Array, k: int, chunk: int = 65536,
+                 approximate: bool = False, recall_target: float = 0.95):
+  """Exact (or approximate) MIPS top-k scanning the corpus in chunks: memory O(B * chunk).
+
+  Scores are inner products `q . d` (DPR eq. 1). `approximate=True` uses `jax.lax.approx_max_k`
+  (Chern et al. 2022, TPU-KNN) per chunk.
+
+  Args:
+    queries_bd: `[B, D]` float.
+    corpus_nd: `[N, D]` float (N is padded internally to a multiple of the chunk size).
+    k: neighbours per query, `k <= N`.
+  Returns:
+    `(scores [B, k] float32, rows [B, k] int32)`, best first.
+  """
+  return topk_blocks(queries_bd, block_corpus(corpus_nd, chunk), corpus_nd.shape[0], k,
+                     approximate, recall_target)
 
 
 class ExactIndex(Index):
@@ -290,8 +302,7 @@ class ExactIndex(Index):
 
   def _fn(self, k):
     if k not in self._fns:
-      chunk = self.manifest["params"]["chunk"]
-      self._fns[k] = jax.jit(lambda q, c: topk_chunked(q, c, k, chunk))
+      self._fns[k] = jax.jit(lambda q, c: topk_blocks(q, c, self.count, k))
     return self._fns[k]
 
   def search_rows(self, queries, k):
@@ -299,7 +310,9 @@ class ExactIndex(Index):
     k = self._check_k(k)
     if self._device_corpus is None:
       dtype = jnp.bfloat16 if self.manifest["params"]["dtype"] == "bfloat16" else jnp.float32
-      self._device_corpus = jnp.asarray(self.embeddings, dtype)
+      # Blocked once here: padding inside the jitted search would copy the corpus every call.
+      self._device_corpus = block_corpus(jnp.asarray(self.embeddings, dtype),
+                                         self.manifest["params"]["chunk"])
     qb = self.manifest["params"]["query_batch"]
     scores = np.zeros((len(q), k), np.float32)
     rows = np.zeros((len(q), k), np.int64)

@@ -82,7 +82,8 @@ class ScannIndex(Index):
           "pre_reorder_num_neighbors": max(k, reorder_k or max(p["reorder_k"], 10 * k))}
     if p["tree"]:
       kw["leaves_to_search"] = leaves_to_search or p["leaves_to_search"]
-    # Large batches use every core (bench/RESULTS.md: 1.9x the single-thread queries/s on 2 cores).
+    # Large batches use every core (bench/RESULTS.md: 1.3x to 1.9x the single-threaded queries/s on
+    # 2 cores, depending on the search settings).
     search = (self.searcher.search_batched_parallel if len(q) >= 256
               else self.searcher.search_batched)
     rows, scores = search(q, **kw)
