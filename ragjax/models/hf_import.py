@@ -115,11 +115,14 @@ def bert_config_from_hf(hf: dict, **overrides) -> BertConfig:
 def _hf_shape(kind: str, shape: tuple) -> tuple:
   """The HF tensor shape that maps onto a Flax leaf of `shape` under `kind`.
 
-  `same`: identical; `flat`: one axis ([H, Dh] bias <- [H*Dh]); `linN`: a torch Linear weight
-  `[out, in]` whose `in` is the first N Flax axes (kernel [in..., out...]).
+  `same`: identical; `flat`: one axis ([H, Dh] bias <- [H*Dh]); `row`: a leading axis of 1
+  ([V] <- [1, V], BART's final_logits_bias); `linN`: a torch Linear weight `[out, in]` whose `in`
+  is the first N Flax axes (kernel [in..., out...]).
   """
   if kind == "same":
     return tuple(shape)
+  if kind == "row":
+    return (1,) + tuple(shape)
   if kind == "flat":
     return (int(np.prod(shape)),)
   n_in = int(kind[-1])
@@ -127,7 +130,7 @@ def _hf_shape(kind: str, shape: tuple) -> tuple:
 
 
 def _to_flax(kind: str, w: np.ndarray, shape: tuple) -> np.ndarray:
-  return (w if kind in ("same", "flat") else w.T).reshape(shape)
+  return (w if kind in ("same", "flat", "row") else w.T).reshape(shape)
 
 
 def _bert_name_map(cfg: BertConfig, prefix: str, proj_prefix: str) -> dict:
@@ -200,6 +203,23 @@ def import_bert(tensors: dict[str, np.ndarray], cfg: BertConfig, prefix: str | N
   proj_prefix = prefix[:-len("bert_model.")] if prefix.endswith("bert_model.") else prefix
   expected = traverse_util.flatten_dict(abstract_bert_params(cfg))
   names = _bert_name_map(cfg, prefix, proj_prefix)
+  flat = map_tensors(tensors, expected, names, where=where,
+                     what=f"BERT ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+                          f"prefix {prefix!r})")
+  return traverse_util.unflatten_dict(flat)
+
+
+def map_tensors(tensors: dict, expected: dict, names: dict, *, where: str, what: str,
+                defaults: dict | None = None) -> dict:
+  """Flat Flax params from HF tensors: `expected` maps each param path to its abstract leaf,
+  `names` maps it to `(HF name, kind)` (see `_hf_shape`); `defaults` gives values for paths whose
+  tensor may be absent. Older checkpoints' LayerNorm gamma/beta names are accepted.
+
+  Raises:
+    WeightImportError: `"{where}: cannot import as {what}"` listing every missing tensor and
+      every shape mismatch at once.
+  """
+  defaults = defaults or {}
   missing, misshaped, flat = [], [], {}
   for path, leaf in expected.items():
     hf_name, kind = names[path]
@@ -208,7 +228,10 @@ def import_bert(tensors: dict[str, np.ndarray], cfg: BertConfig, prefix: str | N
         if hf_name.endswith(new) and hf_name[:-len(new)] + old in tensors:
           hf_name = hf_name[:-len(new)] + old
     if hf_name not in tensors:
-      missing.append(hf_name)
+      if path in defaults:
+        flat[path] = np.asarray(defaults[path], leaf.dtype)
+      else:
+        missing.append(hf_name)
       continue
     w, want = tensors[hf_name], _hf_shape(kind, leaf.shape)
     if tuple(w.shape) != want:
@@ -217,12 +240,11 @@ def import_bert(tensors: dict[str, np.ndarray], cfg: BertConfig, prefix: str | N
       continue
     flat[path] = np.asarray(_to_flax(kind, w, leaf.shape), dtype=leaf.dtype)
   if missing or misshaped:
-    lines = [f"{where}: cannot import as BERT ({cfg.num_hidden_layers} layers, "
-             f"hidden {cfg.hidden_size}, prefix {prefix!r})"]
+    lines = [f"{where}: cannot import as {what}"]
     lines += [f"  missing tensor: {n}" for n in missing]
     lines += [f"  mis-shaped tensor: {n}" for n in misshaped]
     raise WeightImportError("\n".join(lines))
-  return traverse_util.unflatten_dict(flat)
+  return flat
 
 
 def load_bert_dir(path, prefix: str | None = None, **overrides) -> tuple[BertConfig, dict]:

@@ -26,7 +26,7 @@ from flax.core import meta
 
 from ragjax.errors import WeightImportError
 from ragjax.models.bert import BertConfig
-from ragjax.models.hf_import import _hf_shape, _to_flax, load_safetensors, read_config
+from ragjax.models.hf_import import load_safetensors, map_tensors, read_config
 from ragjax.models.seq2seq import ACTIVATIONS, Seq2Seq, Seq2SeqConfig
 
 # Generation settings that our decoding does not implement; a checkpoint that sets them is
@@ -195,29 +195,12 @@ def import_seq2seq(tensors: dict[str, np.ndarray], cfg: Seq2SeqConfig,
   if emb is not None:
     names[("shared", "embedding")] = (emb, "same")
   expected = traverse_util.flatten_dict(abstract_seq2seq_params(cfg))
-  missing, misshaped, flat = [], [], {}
-  for path, leaf in expected.items():
-    hf_name, kind = names[path]
-    if hf_name not in tensors:
-      if path == ("final_logits_bias",):
-        flat[path] = np.zeros(leaf.shape, leaf.dtype)
-      else:
-        missing.append(hf_name)
-      continue
-    w = tensors[hf_name]
-    want = (1,) + tuple(leaf.shape) if kind == "row" else _hf_shape(kind, leaf.shape)
-    if tuple(w.shape) != want:
-      misshaped.append(f"{hf_name}: shape {tuple(w.shape)}, expected {want} "
-                       f"(for {'/'.join(path)} {tuple(leaf.shape)})")
-      continue
-    w = w.reshape(leaf.shape) if kind == "row" else _to_flax(kind, w, leaf.shape)
-    flat[path] = np.asarray(w, dtype=leaf.dtype)
-  if missing or misshaped:
-    lines = [f"{where}: cannot import as {cfg.arch.upper()} ({cfg.encoder_layers}+"
-             f"{cfg.decoder_layers} layers, d_model {cfg.d_model}, vocab {cfg.vocab_size})"]
-    lines += [f"  missing tensor: {n}" for n in missing]
-    lines += [f"  mis-shaped tensor: {n}" for n in misshaped]
-    raise WeightImportError("\n".join(lines))
+  flat = map_tensors(
+      tensors, expected, names, where=where,
+      what=f"{cfg.arch.upper()} ({cfg.encoder_layers}+{cfg.decoder_layers} layers, d_model "
+           f"{cfg.d_model}, vocab {cfg.vocab_size})",
+      defaults={("final_logits_bias",): np.zeros(expected[("final_logits_bias",)].shape)}
+      if ("final_logits_bias",) in expected else None)
   return traverse_util.unflatten_dict(flat)
 
 
