@@ -99,17 +99,18 @@ class WordPieceTokenizer:
   def vocab_size(self) -> int:
     return self._tok.get_vocab_size()
 
-  def encode(self, texts: Sequence[str], max_length: int | None = None,
-             length: int | None = None) -> TokenBatch:
-    """Tokenize `texts` to a `TokenBatch` `[B, L]`.
-
-    L is `length` when given, else the smallest bucket holding the longest (truncated) text.
-    Truncation keeps the first `max_length - 1` tokens and the final `[SEP]`.
-    """
+  def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
+    """Token ids per text, special tokens included, truncated to `max_length` keeping the first
+    `max_length - 1` tokens and the final `[SEP]`."""
     max_length = self.max_length if max_length is None else int(max_length)
-    encodings = self._tok.encode_batch(list(texts))
-    ids = [e.ids if len(e.ids) <= max_length else e.ids[:max_length - 1] + e.ids[-1:]
-           for e in encodings]
+    return [e.ids if len(e.ids) <= max_length else e.ids[:max_length - 1] + e.ids[-1:]
+            for e in self._tok.encode_batch(list(texts))]
+
+  def pad(self, ids: Sequence[Sequence[int]], max_length: int | None = None,
+          length: int | None = None) -> TokenBatch:
+    """Pad token id lists (from `tokenize`) to a `TokenBatch` `[B, L]`: L is `length` when
+    given, else the smallest bucket holding the longest list."""
+    max_length = self.max_length if max_length is None else int(max_length)
     longest = max((len(x) for x in ids), default=1)
     if length is None:
       length = bucket_length(longest, self.buckets, max_length)
@@ -121,6 +122,11 @@ class WordPieceTokenizer:
       input_ids[i, :len(row)] = row
       mask[i, :len(row)] = 1
     return TokenBatch(input_ids, mask, np.zeros_like(input_ids))
+
+  def encode(self, texts: Sequence[str], max_length: int | None = None,
+             length: int | None = None) -> TokenBatch:
+    """Tokenize and pad `texts` to a `TokenBatch` `[B, L]` (`tokenize`, then `pad`)."""
+    return self.pad(self.tokenize(texts, max_length), max_length, length)
 
   def passage_text(self, title: str, text: str) -> str:
     """DPR passage input: `title [SEP] text` (just `text` when the title is empty)."""

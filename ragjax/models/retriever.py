@@ -93,17 +93,18 @@ class Retriever:
     out = np.zeros((n, self.dim), np.float32)
     if n == 0:
       return out
-    order = np.argsort(-self.tokenizer.lengths(texts), kind="stable")
+    ids = self.tokenizer.tokenize(texts)  # once: sorting and batching reuse the ids
+    order = np.argsort(-np.array([len(x) for x in ids]), kind="stable")
     fn, params = self._fn(side), self.params[f"{side}_encoder"]
     for start in range(0, n, batch_size):
       idx = order[start:start + batch_size]
-      batch = self.tokenizer.encode([texts[i] for i in idx])
-      ids, mask = batch.input_ids, batch.attention_mask
+      batch = self.tokenizer.pad([ids[i] for i in idx])
+      ids_bl, mask_bl = batch.input_ids, batch.attention_mask
       if len(idx) < batch_size:  # pad rows so every call has the same batch shape
         pad = batch_size - len(idx)
-        ids = np.concatenate([ids, np.zeros((pad, ids.shape[1]), ids.dtype)])
-        mask = np.concatenate([mask, np.zeros((pad, mask.shape[1]), mask.dtype)])
-      out[idx] = np.asarray(fn(params, ids, mask))[:len(idx)]
+        ids_bl = np.concatenate([ids_bl, np.zeros((pad, ids_bl.shape[1]), ids_bl.dtype)])
+        mask_bl = np.concatenate([mask_bl, np.zeros((pad, mask_bl.shape[1]), mask_bl.dtype)])
+      out[idx] = np.asarray(fn(params, ids_bl, mask_bl))[:len(idx)]
       if progress is not None:
         progress.update(len(idx))
     return out

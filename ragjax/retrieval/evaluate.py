@@ -73,7 +73,7 @@ def recall_report(passages, questions, rows_nk: np.ndarray, ks: Sequence[int]) -
   out = {}
   if all(q.gold_passage_ids for q in questions):
     ids = np.asarray([p.id for p in passages], dtype=object)
-    hits = np.array([[pid in set(q.gold_passage_ids) for pid in ids[r]]
+    hits = np.array([np.isin(ids[r], list(q.gold_passage_ids))
                      for q, r in zip(questions, rows_nk)], dtype=bool).reshape(rows_nk.shape)
     out["gold"] = metrics.recall_at_k(hits, ks)
   hits = np.zeros(rows_nk.shape, dtype=bool)
