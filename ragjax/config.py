@@ -109,3 +109,53 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides) -> ml_collections
     last = parts[-1]
     node[last] = _coerce(node[last], value, key)
   return cfg
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key the trainer reads, with defaults; experiment files start here and override.
+
+  Units: learning rates per step, lengths in tokens, sizes in bytes, intervals in steps.
+  """
+  from ragjax import sharding
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data = dict(
+      source="bios",              # "bios" | "files" | "squad_split"
+      seed=0,                     # example order: permutation per (seed, epoch)
+      num_people=2000, bios_seed=0, eval_fraction=0.2,       # source=bios
+      corpus="", train_questions="", eval_questions="",      # source=files
+      squad="", num_eval_articles=10, split_seed=0,          # source=squad_split
+      max_train_questions=0, max_eval_questions=0)           # 0 = all
+  c.retriever = dict(
+      init="minilm",              # "minilm" | checkpoint dir | "random"
+      passage_max_length=256, embed_batch_size=64,
+      random=dict(hidden_size=32, num_layers=2, num_heads=4, ffn_size=64))
+  c.generator = dict(
+      init="bert:minilm",         # "bert:minilm" | "bert:DIR" (BERT2BERT) | "hf:DIR" | "random"
+      num_layers=0,               # bert warm start: keep the first N layers (0 = all)
+      dropout_rate=0.1,
+      random=dict(arch="bart", d_model=32, num_layers=2, num_heads=4, ffn_size=64))
+  c.model = dict(
+      k=5, loss="rag_token",      # rag_token | rag_sequence | top1 | closed_book
+      label_smoothing=0.0, query_max_length=32, context_max_length=128, answer_max_length=16,
+      compute_dtype="float32",    # "bfloat16": bf16 matmuls, float32 parameters
+      doc_score_scale=1.0)        # p(z|x) = softmax(scale * q·d): 1 for DPR, ~20 for cosine
+  c.index = dict(
+      kind="auto",                # auto | device (exact top-k on the mesh) | scann | exact_host
+      device_max_bytes=2 * 2**30, chunk=65536,
+      scann=dict())               # ScannIndex.build parameters (defaults by corpus size)
+  c.optim = dict(
+      learning_rate=1e-4, warmup_steps=100, schedule="linear", end_lr_fraction=0.0,
+      weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, clip_grad_norm=1.0,
+      lr_multipliers=dict(query_encoder=1.0, passage_encoder=1.0, generator=1.0),
+      start_steps=dict(query_encoder=0, passage_encoder=0, generator=0),  # lr 0 before
+      freeze=("passage_encoder",))  # RAG §2.4: the document encoder stays fixed
+  c.train = dict(
+      total_steps=1000, global_batch=8, grad_accum_steps=1, log_every=10,
+      checkpoint_every=200, keep_checkpoints=3, eval_every=0, async_checkpointing=True,
+      tensorboard=True, progress_bar=True)
+  c.mesh = dict(axes=tuple(sharding.DEFAULT_MESH), axis_rules=tuple(sharding.DEFAULT_AXIS_RULES),
+                num_devices=0)            # 0: every device; N: the first N (one process)
+  c.eval = dict(decoding="rag_token", num_beams=1, max_new_tokens=16, batch_size=32,
+                recall_ks=(1, 5, 20))
+  return c

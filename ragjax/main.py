@@ -6,6 +6,9 @@
   ragjax index --kind scann --embeddings EMB --corpus C --out IDX
   ragjax retrieve "who founded ..." --index IDX --k 5
   ragjax eval-retrieval --corpus C --questions Q --retriever minilm --index exact --k 1,5,20 --out r.json
+  ragjax train --config experiments/bios.py[:arg] --workdir runs/bios [--config.key=value ...]
+  ragjax eval --workdir runs/bios                          # newest checkpoint: EM, F1, recall@k
+  ragjax generate --workdir runs/bios "Where was Amara Costa born?"
 """
 from __future__ import annotations
 
@@ -184,6 +187,104 @@ def cmd_eval_retrieval(args):
                     "recall": report["recall"]}, indent=1))
 
 
+def _setup_logging():
+  import logging
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                      datefmt="%H:%M:%S", force=True)
+  for noisy in ("absl", "orbax", "jax._src"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _distributed(args):
+  """`jax.distributed.initialize` from --coordinator/--num-processes/--process-id, or from the
+  cluster environment (TPU VM, Slurm, ...) with --distributed."""
+  import jax
+  if args.cpu_collectives:
+    jax.config.update("jax_cpu_collectives_implementation", args.cpu_collectives)
+  if args.coordinator:
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+  elif args.distributed:
+    jax.distributed.initialize()
+
+
+def cmd_train(args):
+  from ragjax import config as config_lib
+  from ragjax.trainer import train
+  _setup_logging()
+  cfg = config_lib.apply_overrides(config_lib.load_config(args.config), args.overrides)
+  _distributed(args)
+  summary = train(cfg, args.workdir, spec=args.config, overrides=args.overrides)
+  ev = summary["last_eval"]
+  print(json.dumps({"final_step": summary["final_step"], "stopped": summary["stopped"],
+                    **({k: ev[k] for k in ("exact_match", "f1", "answer_recall")
+                        if k in ev} if ev else {})}))
+
+
+def _restored_run(args):
+  from ragjax import config as config_lib
+  from ragjax.trainer import Run, load_workdir_config
+  _setup_logging()
+  cfg = config_lib.apply_overrides(load_workdir_config(args.workdir), args.overrides)
+  _distributed(args)
+  run = Run(cfg, args.workdir)
+  state, meta = run.restore_latest()
+  run.feeder.set_corpus(run.corpus_embeddings(state.params))
+  return run, state, meta
+
+
+def cmd_eval(args):
+  run, state, meta = _restored_run(args)
+  questions = (run.system.eval_questions if args.split == "eval"
+               else run.system.train_questions)
+  if args.max_questions:
+    questions = questions[:args.max_questions]
+  report = run.evaluate(state.params, meta["step"], questions)
+  print(json.dumps({k: report[k] for k in ("step", "num_questions", "exact_match", "f1")
+                    if k in report} | {"answer_recall": report.get("answer_recall")}))
+
+
+def cmd_generate(args):
+  import numpy as np
+  from ragjax.data.qa import Question
+  from ragjax.evaluation import decode_batch
+  run, state, meta = _restored_run(args)
+  feeder = run.feeder
+  size = int(run.cfg.eval.batch_size)
+  q = Question("cli", args.question, ())
+  batch = feeder.batch(state.params, [q] * size)
+  seqs, scores = decode_batch(feeder, state.params, batch, run.cfg.eval)
+  answer = run.system.gen_tok.decode(seqs[0])
+  rows = np.asarray(batch["doc_ids"])[0]
+  prior = np.exp(scores[0] - np.logaddexp.reduce(scores[0]))
+  if args.json:
+    print(json.dumps({"question": args.question, "answer": answer, "step": meta["step"],
+                      "passages": [{"id": run.system.passages[r].id, "p": float(p),
+                                    "title": run.system.passages[r].title,
+                                    "text": run.system.passages[r].text}
+                                   for r, p in zip(rows, prior) if r >= 0]}, indent=1))
+    return
+  print(f"answer: {answer}")
+  for r, p in zip(rows, prior):
+    if r >= 0:
+      psg = run.system.passages[r]
+      print(f"  p={p:.3f}  {psg.id}  {psg.title}: {psg.text[:200]}")
+
+
+def cmd_aot(args):
+  from ragjax import aot
+  from ragjax import config as config_lib
+  from ragjax.train import compile_for_topology
+  cfg = config_lib.apply_overrides(config_lib.load_config(args.config), args.overrides)
+  report = compile_for_topology(cfg, args.topology, chip=args.chip)
+  print(aot.format_report(report))
+  if args.out:
+    pathlib.Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+  if not report["fits"]:
+    print(f"does not fit: needs {report['required_bytes']} of {report['hbm_bytes']} bytes per "
+          "device", file=sys.stderr)
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="ragjax", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -251,6 +352,39 @@ def build_parser() -> argparse.ArgumentParser:
   retriever_args(p)
   corpus_args(p)
 
+  def distributed_args(p):
+    p.add_argument("--coordinator", help="multi-process: coordinator host:port")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
+    p.add_argument("--distributed", action="store_true",
+                   help="jax.distributed.initialize() from the cluster environment")
+    p.add_argument("--cpu-collectives", choices=("gloo", "mpi"), default=None,
+                   help="CPU cross-process collectives (tests, CPU clusters)")
+
+  p = add("train", cmd_train, "train (or resume) a RAG model from a config file")
+  p.add_argument("--config", required=True, help="experiments/FILE.py[:arg]")
+  p.add_argument("--workdir", required=True)
+  distributed_args(p)
+
+  p = add("eval", cmd_eval, "evaluate the newest checkpoint of a workdir (EM, F1, recall@k)")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--split", choices=("eval", "train"), default="eval")
+  p.add_argument("--max-questions", type=int, default=0)
+  distributed_args(p)
+
+  p = add("generate", cmd_generate, "answer a question with the newest checkpoint")
+  p.add_argument("question")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--json", action="store_true")
+  distributed_args(p)
+
+  p = add("aot", cmd_aot, "ahead-of-time compile a config's train step for a TPU topology "
+          "(libtpu compile-only devices) and report its memory per device")
+  p.add_argument("--config", required=True)
+  p.add_argument("--topology", required=True, help="e.g. v5e:4x4, v4:2x2x2, v5p:2x2x2")
+  p.add_argument("--chip", default=None, help="libtpu chip config: megacore or default")
+  p.add_argument("--out", help="write the JSON report here")
+
   p = add("store", cmd_store, "write a corpus or question file to a TFDS array_record dataset "
           "(streams; read back by every command that takes --corpus)")
   p.add_argument("--corpus")
@@ -263,14 +397,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
   os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-  args = build_parser().parse_args(argv)
+  args, rest = build_parser().parse_known_args(argv)
+  args.overrides = [r for r in rest if r.startswith("--config.")]
+  unknown = [r for r in rest if not r.startswith("--config.")]
+  if unknown or (args.overrides and args.command not in ("train", "eval", "generate", "aot")):
+    build_parser().error(f"unrecognized arguments: {' '.join(unknown or args.overrides)}")
+  from ragjax.checkpoint import CheckpointError
+  from ragjax.config import ConfigError
   from ragjax.errors import DataError, IndexFormatError, WeightImportError
+  from ragjax.train import NonFiniteLossError
   try:
-    args.fn(args)
-  except (DataError, IndexFormatError, WeightImportError, FileNotFoundError) as e:
+    rc = args.fn(args)
+  except (DataError, IndexFormatError, WeightImportError, FileNotFoundError, ConfigError,
+          CheckpointError, NonFiniteLossError) as e:
     print(f"ragjax {args.command}: error: {e}", file=sys.stderr)
     return 2
-  return 0
+  return rc or 0
 
 
 if __name__ == "__main__":

@@ -53,6 +53,11 @@ class RagModel(nn.Module):
   generator_cfg: Seq2SeqConfig
   passage_cfg: BertConfig | None = None
   shared_encoders: bool = False
+  # Doc scores are q·d * doc_score_scale (an inverse temperature). DPR's unnormalised inner
+  # products need none (1.0, RAG as published); L2-normalised encoders (MiniLM) give cosines in
+  # [-1, 1] whose softmax over K is nearly uniform, so a scale such as 20 (sentence-transformers'
+  # MultipleNegativesRankingLoss; 1/temperature in Atlas' attention distillation) is used.
+  doc_score_scale: float = 1.0
 
   def setup(self):
     self.bi_encoder = BiEncoder(self.query_cfg, self.passage_cfg, self.shared_encoders)
@@ -72,7 +77,7 @@ class RagModel(nn.Module):
 
   def retrieve_scores(self, query_ids_bl, query_mask_bl, passage_embeddings_bkd, *,
                       deterministic: bool = True):
-    """Doc scores `[B, K]` float32 = q(x)·d(z_k) (DPR eq. 1), q from the LIVE query encoder so
+    """Doc scores `[B, K]` float32 = q(x)·d(z_k) * doc_score_scale (DPR eq. 1), q from the LIVE query encoder so
     the loss's gradient reaches it; `passage_embeddings_bkd` `[B, K, D]` (any float dtype) are
     the retrieved passages' vectors (HF: `torch.bmm(q.unsqueeze(1), d.transpose(1, 2))`).
 
@@ -85,6 +90,8 @@ class RagModel(nn.Module):
     scores_bk = jnp.einsum("bd,bkd->bk", q_bd.astype(jnp.float32),
                            passage_embeddings_bkd.astype(jnp.float32),
                            precision=jax.lax.Precision.HIGHEST)
+    if self.doc_score_scale != 1.0:
+      scores_bk = scores_bk * self.doc_score_scale
     return nn.with_logical_constraint(scores_bk, (sh.BATCH, sh.PASSAGES))
 
   def encode_contexts(self, context_ids_bkl, context_mask_bkl, *, deterministic: bool = True):

@@ -1,0 +1,60 @@
+"""SQuAD-open, real data: the 2,067 paragraphs of SQuAD v1.1 dev in the index, the questions of
+38 articles to train and of the other 10 (drawn by `data.split_seed`) to evaluate
+(`ragjax.data.splits.squad_article_split`). MiniLM retriever (exact top-k on the device), a
+BERT2BERT generator warm-started from MiniLM. `loss` picks the model:
+
+  ragjax train --config experiments/squad_open.py:loss=rag_token    --workdir runs/squad_token
+  ragjax train --config experiments/squad_open.py:loss=rag_sequence --workdir runs/squad_seq
+  ragjax train --config experiments/squad_open.py:loss=top1         --workdir runs/squad_top1
+  ragjax train --config experiments/squad_open.py:loss=closed_book  --workdir runs/squad_cb
+
+measured: see README ("SQuAD-open") and bench/RESULTS.md for the numbers and run times.
+"""
+import pathlib
+
+from ragjax import config as config_lib
+
+SQUAD = pathlib.Path(__file__).resolve().parents[1].parent / "shared/data/squad_v1.1/dev-v1.1.json.gz"
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, smoke=False, loss="rag_token", steps=0, squad=str(SQUAD))
+  c = config_lib.base_config()
+  c.data.source = "squad_split"
+  c.data.squad = arg.squad
+  c.data.num_eval_articles = 10
+  c.data.max_eval_questions = 500
+  c.model.loss = arg.loss
+  c.model.k = 3
+  c.model.doc_score_scale = 20.0          # MiniLM vectors are unit length
+  c.model.query_max_length = 32
+  c.model.context_max_length = 192        # passage cut so " // question" always fits
+  c.model.answer_max_length = 16
+  c.retriever.passage_max_length = 256
+  c.generator.init = "bert:minilm"
+  c.generator.num_layers = 3
+  c.optim.learning_rate = 5e-4
+  c.optim.warmup_steps = 50
+  c.optim.lr_multipliers.query_encoder = 0.05
+  c.optim.start_steps.query_encoder = 300
+  c.train.total_steps = arg.steps or 800
+  c.train.global_batch = 8
+  c.train.log_every = 20
+  c.train.checkpoint_every = 200
+  c.eval.batch_size = 50
+  c.eval.recall_ks = (1, 3)
+  if arg.smoke:
+    c.data.max_train_questions = 64
+    c.data.max_eval_questions = 8
+    c.retriever.init = "random"
+    c.generator.init = "random"
+    c.model.k = 2
+    c.model.context_max_length = 64
+    c.train.total_steps = arg.steps or 2
+    c.train.log_every = 1
+    c.train.progress_bar = False
+    c.train.tensorboard = False
+    c.eval.batch_size = 8
+    c.eval.max_new_tokens = 4
+    c.eval.recall_ks = (1, 2)
+  return c

@@ -1,0 +1,115 @@
+"""Evaluation of a RAG system: retrieve, decode, score.
+
+For each question: top-k passages from the current query encoder (`ragjax.feed.Feeder`, the
+same retrieval the train step sees), an answer decoded by `cfg.eval.decoding` (RAG-Token beam
+search or greedy; RAG-Sequence "thorough" or "fast"; for the `top1` loss the generator reads the
+best passage only; `closed_book` reads the question alone), and:
+
+* exact match and token F1 after SQuAD answer normalisation (Rajpurkar et al. 2016, the
+  official evaluation script), or regex match for regex answers (CuratedTREC: EM = F1 = match);
+* answer recall@k: a retrieved passage among the first k contains a normalised answer
+  (DPR's `has_answer`; `ragjax.metrics`).
+
+Batches are global arrays (each process decodes its share), so this runs unchanged on a mesh or
+several processes.
+"""
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import jax
+import numpy as np
+from flax.linen import partitioning as nn_partitioning
+from jax.experimental import multihost_utils
+
+from ragjax import metrics
+from ragjax.data.qa import Question
+from ragjax.feed import Feeder
+from ragjax.rag_decoding import rag_sequence_generate, rag_token_generate
+
+DECODINGS = ("rag_token", "rag_sequence_fast", "rag_sequence_thorough")
+
+
+def _gather(x) -> np.ndarray:
+  """A global batch-sharded array as one host numpy array on every process."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def decode_batch(feeder: Feeder, params, batch: dict, ecfg) -> tuple[np.ndarray, np.ndarray]:
+  """`(generated ids [B, 1 + max_new_tokens], doc_scores [B, K])` for one step batch."""
+  system = feeder.system
+  model = system.model
+  ids, mask = batch["context_input_ids"], batch["context_attention_mask"]
+  with jax.set_mesh(feeder.mesh), nn_partitioning.axis_rules(feeder.rules):
+    if system.closed_book:
+      scores = batch["doc_scores"]
+    else:
+      scores = feeder.doc_scores(params, batch)
+    if system.cfg.model.loss == "top1":
+      ids, mask, scores = ids[:, :1], mask[:, :1], scores[:, :1]
+    kw = dict(num_beams=int(ecfg.num_beams), max_new_tokens=int(ecfg.max_new_tokens))
+    if ecfg.decoding == "rag_token" or system.closed_book or system.cfg.model.loss == "top1":
+      seqs = rag_token_generate(model, params, ids, mask, scores, **kw).sequences
+    elif ecfg.decoding in ("rag_sequence_fast", "rag_sequence_thorough"):
+      mode = ecfg.decoding.rsplit("_", 1)[1]
+      seqs = rag_sequence_generate(model, params, ids, mask, scores, mode=mode, **kw
+                                   ).sequences[:, 0]
+    else:
+      raise ValueError(f"eval.decoding {ecfg.decoding!r}: expected one of {DECODINGS}")
+  return _gather(seqs), _gather(scores)
+
+
+def evaluate(feeder: Feeder, params, questions: Sequence[Question], ecfg, step: int = 0,
+             num_examples: int = 20) -> dict:
+  """Exact match, F1 and answer recall@k over `questions` (module docstring).
+
+  Questions are decoded in global batches of `ecfg.batch_size` (the last one padded by
+  repetition, padding not scored). Returns a JSON-able dict with `step`, `num_questions`,
+  `exact_match`, `f1` (fractions in [0, 1]), `answer_recall` `{"@k": r}` for k in
+  `ecfg.recall_ks` up to K, `decoding`, `seconds`, and the first `num_examples` predictions.
+
+  Raises: ValueError on an empty question list or an unknown decoding.
+  """
+  if not questions:
+    raise ValueError("evaluate: no questions")
+  system = feeder.system
+  size = int(ecfg.batch_size)
+  t0 = time.perf_counter()
+  preds, rows_all, priors = [], [], []
+  for start in range(0, len(questions), size):
+    chunk = list(questions[start:start + size])
+    chunk += [chunk[-1]] * (size - len(chunk))
+    batch = feeder.batch(params, chunk[feeder.local_rows(size)])
+    seqs, scores = decode_batch(feeder, params, batch, ecfg)
+    n = min(size, len(questions) - start)
+    preds += [system.gen_tok.decode(s) for s in seqs[:n]]
+    rows_all.append(_gather(batch["doc_ids"])[:n])
+    priors.append(scores[:n])
+  rows = np.concatenate(rows_all)
+  em, f1s = [], []
+  for q, pred in zip(questions, preds):
+    if q.answers_are_regex:
+      hit = float(any(metrics.regex_match(pred, a) for a in q.answers))
+      em.append(hit)
+      f1s.append(hit)
+    else:
+      em.append(metrics.exact_match(pred, q.answers))
+      f1s.append(metrics.f1(pred, q.answers))
+  out = {"step": int(step), "num_questions": len(questions), "decoding": ecfg.decoding,
+         "loss": system.cfg.model.loss, "exact_match": float(np.mean(em)),
+         "f1": float(np.mean(f1s))}
+  if not system.closed_book:
+    hits = np.array([[metrics.has_answer(system.passages[r].text, q.answers,
+                                         regex=q.answers_are_regex) for r in row]
+                     for q, row in zip(questions, rows)], dtype=bool)
+    ks = [k for k in ecfg.recall_ks if k <= hits.shape[1]]
+    out["answer_recall"] = metrics.recall_at_k(hits, ks)
+  out["seconds"] = round(time.perf_counter() - t0, 2)
+  out["examples"] = [{"question": q.question, "answers": list(q.answers), "prediction": p,
+                      "passages": ([system.passages[r].id for r in row]
+                                   if not system.closed_book else [])}
+                     for q, p, row in list(zip(questions, preds, rows))[:num_examples]]
+  return out

@@ -1,0 +1,179 @@
+"""Retrieval feeding the train step: questions in, the step's global batch out.
+
+Two ways, chosen by `cfg.index.kind` ("auto" picks by size):
+
+* `device`: the passage embeddings `[N, D]` live on the mesh (rows sharded by the `corpus` rule
+  when N divides, else replicated) with the passage-part token table; one jitted `retrieve`
+  encodes the queries with the live query encoder, takes the exact top-k (`device_top_k`, MIPS
+  on the accelerator) and assembles the generator inputs `[B, K, L]` without leaving the device.
+* `scann`: the queries are encoded on the device (live query encoder), gathered to the host,
+  searched with ScaNN (`ragjax.retrieval.scann_index`), and each process assembles its rows of the
+  generator inputs with numpy before `jax.make_array_from_process_local_data`.
+
+Either way the train step sees the same static-shape batch: `query_input_ids` /
+`query_attention_mask` `[B, Lq]`, `passage_embeddings` `[B, K, D]`, `context_input_ids` /
+`context_attention_mask` `[B, K, L]`, `labels` `[B, T]` (closed_book: `doc_scores` `[B, 1]` and
+the question alone as the context). Indexes can be swapped (`set_corpus`) without recompiling.
+"""
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.linen import partitioning as nn_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
+
+from ragjax import sharding as sh
+from ragjax.data import pipeline
+from ragjax.models.rag import RagModel, device_top_k
+from ragjax.system import RagSystem, assemble_contexts
+
+log = logging.getLogger("ragjax")
+STEP_KEYS = ("query_input_ids", "query_attention_mask", "passage_embeddings",
+             "context_input_ids", "context_attention_mask", "labels")
+INDEX_KINDS = ("auto", "device", "scann", "exact_host")
+
+
+def choose_index_kind(kind: str, num_passages: int, dim: int, device_max_bytes: int) -> str:
+  """`device` when the float32 embeddings `[N, D]` fit in `device_max_bytes`, else `scann`.
+
+  Raises: ValueError for an unknown kind.
+  """
+  if kind not in INDEX_KINDS:
+    raise ValueError(f"index.kind {kind!r}: expected one of {INDEX_KINDS}")
+  if kind != "auto":
+    return kind
+  return "device" if num_passages * dim * 4 <= device_max_bytes else "scann"
+
+
+class Feeder:
+  """Builds global step batches from questions (see the module docstring).
+
+  `kind` is the resolved index kind; `set_corpus(embeddings [N, D])` installs passage vectors
+  (from the passage encoder) and, on the host kinds, builds the index.
+  """
+
+  def __init__(self, system: RagSystem, mesh, rules, kind: str):
+    self.system, self.mesh, self.rules, self.kind = system, mesh, tuple(rules), kind
+    self.k = system.k
+    self.model: RagModel = system.model
+    self.pad_id = system.model.generator_cfg.pad_token_id
+    self.index = None
+    self._retrieve = self._encode = None
+    self.corpus = None
+    self._tables = self._scores = None
+
+  # ------------------------------------------------------------------------------ shardings
+
+  def batch_sharding(self, ndim: int) -> NamedSharding:
+    return sh.batch_sharding(self.mesh, self.rules, ndim)
+
+  def _corpus_sharding(self, n: int) -> NamedSharding:
+    axes = dict(self.rules).get(sh.CORPUS)
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = int(np.prod([self.mesh.shape[a] for a in names])) if names else 1
+    spec = PartitionSpec(axes, None) if size > 1 and n % size == 0 else PartitionSpec()
+    return NamedSharding(self.mesh, spec)
+
+  # --------------------------------------------------------------------------------- corpus
+
+  def set_corpus(self, embeddings_nd: np.ndarray) -> None:
+    """Install the passage embeddings `[N, D]` float32 (a new index version: no recompile, the
+    shapes stay)."""
+    emb = np.asarray(embeddings_nd, np.float32)
+    if self.system.closed_book:
+      return
+    if self.kind == "device":
+      self.corpus = jax.device_put(emb, self._corpus_sharding(len(emb)))
+      if self._tables is None:
+        rep = NamedSharding(self.mesh, PartitionSpec())
+        self._tables = (jax.device_put(self.system.tables.ids, rep),
+                        jax.device_put(self.system.tables.lengths, rep))
+    else:
+      from ragjax.retrieval.index import ExactIndex
+      from ragjax.retrieval.scann_index import ScannIndex
+      ids = [p.id for p in self.system.passages]
+      cls = ScannIndex if self.kind == "scann" else ExactIndex
+      params = dict(self.system.cfg.index.scann) if self.kind == "scann" else {}
+      self.index = cls.build(emb, ids, **params)
+      self.corpus = emb
+
+  # ---------------------------------------------------------------------------- jitted parts
+
+  def _retrieve_fn(self):
+    if self._retrieve is None:
+      model, k, pad, chunk = self.model, self.k, self.pad_id, int(self.system.cfg.index.chunk)
+
+      def retrieve(params, q_ids, q_mask, question_ids, question_lengths, corpus_nd, t_ids,
+                   t_len):
+        q_bd = model.apply({"params": params}, q_ids, q_mask, method=RagModel.encode_query)
+        top = device_top_k(q_bd, corpus_nd, k, chunk=min(chunk, corpus_nd.shape[0]))
+        ids, mask = assemble_contexts(t_ids, t_len, question_ids, question_lengths, top.doc_ids,
+                                      pad)
+        return top.embeddings, ids, mask, top.doc_ids
+
+      b2, b3 = self.batch_sharding(2), self.batch_sharding(3)
+      self._retrieve = jax.jit(retrieve, out_shardings=(b3, b3, b3, b2))
+    return self._retrieve
+
+  def _encode_fn(self):
+    if self._encode is None:
+      model = self.model
+      self._encode = jax.jit(
+          lambda params, ids, mask: model.apply({"params": params}, ids, mask,
+                                                method=RagModel.encode_query),
+          out_shardings=NamedSharding(self.mesh, PartitionSpec()))
+    return self._encode
+
+  def doc_scores(self, params, batch) -> jax.Array:
+    """Doc scores `[B, K]` float32 of a step batch from the live query encoder (DPR eq. 1)."""
+    if getattr(self, "_scores", None) is None:
+      model = self.model
+      self._scores = jax.jit(lambda p, q, m, e: model.apply(
+          {"params": p}, q, m, e, method=RagModel.retrieve_scores))
+    return self._scores(params, batch["query_input_ids"], batch["query_attention_mask"],
+                        batch["passage_embeddings"])
+
+  # --------------------------------------------------------------------------------- batches
+
+  def local_rows(self, global_size: int) -> slice:
+    """This process's rows of a global batch of `global_size`."""
+    local = pipeline.local_batch_size(global_size)
+    return slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+
+  def batch(self, params, questions_local) -> dict:
+    """The step batch (global `jax.Array`s, module docstring) for this process's questions
+    (`global batch / process_count` of them), plus `doc_ids` `[B, K]` (corpus rows)."""
+    host = self.system.question_batch(questions_local)
+    put = lambda x: pipeline.global_batch_arrays({"x": x}, self.batch_sharding(np.ndim(x)))["x"]
+    out = {"query_input_ids": put(host["query_input_ids"]),
+           "query_attention_mask": put(host["query_attention_mask"]),
+           "labels": put(host["labels"])}
+    if self.system.closed_book:
+      ids, mask = self.system.closed_book_contexts(host)
+      out.update(context_input_ids=put(ids), context_attention_mask=put(mask),
+                 doc_scores=put(np.zeros((len(ids), 1), np.float32)),
+                 doc_ids=put(np.full((len(ids), 1), -1, np.int32)))
+      return out
+    if self.corpus is None:
+      raise RuntimeError("Feeder.batch: no corpus embeddings; call set_corpus first")
+    with jax.set_mesh(self.mesh), nn_partitioning.axis_rules(self.rules):
+      if self.kind == "device":
+        emb, ids, mask, rows = self._retrieve_fn()(
+            params, out["query_input_ids"], out["query_attention_mask"],
+            put(host["question_ids"]), put(host["question_lengths"]), self.corpus,
+            *self._tables)
+        out.update(passage_embeddings=emb, context_input_ids=ids, context_attention_mask=mask,
+                   doc_ids=rows)
+        return out
+      q_bd = self._encode_fn()(params, out["query_input_ids"], out["query_attention_mask"])
+    q_local = np.asarray(jax.device_get(q_bd))[self.local_rows(q_bd.shape[0])]
+    _, rows = self.index.search_rows(q_local, self.k)
+    t = self.system.tables
+    ids, mask = assemble_contexts(t.ids, t.lengths, host["question_ids"],
+                                  host["question_lengths"], rows, self.pad_id, xp=np)
+    out.update(passage_embeddings=put(self.corpus[rows]), context_input_ids=put(ids),
+               context_attention_mask=put(mask), doc_ids=put(rows.astype(np.int32)))
+    return out

@@ -1,0 +1,304 @@
+"""The training loop around `ragjax.train`: workdir, checkpoints, metrics, evaluation, signals.
+
+  workdir/
+    config.json            the resolved config (what `ragjax eval` / `generate` rebuild from)
+    checkpoints/<step>/    orbax: TrainState + JSON meta (async, keep-N, atomic)
+    metrics.jsonl          one JSON object per logged step
+    tb/                    TensorBoard event files (tensorboardX)
+    eval/step_<N>.json     exact match, F1, answer recall@k (`ragjax.evaluation`)
+    index/embeddings-<key> passage embeddings of the corpus (resumable shards + manifest)
+
+A run resumes from the newest checkpoint in its workdir by itself; metrics logged after that
+checkpoint by the interrupted run are dropped so `metrics.jsonl` reads as one run. SIGTERM
+(preemption) saves a checkpoint at the next step boundary and exits cleanly with status 0.
+Only process 0 writes files other than checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import signal
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
+
+from ragjax import evaluation, feed
+from ragjax import sharding as sh
+from ragjax.checkpoint import Checkpointer
+from ragjax.config import ConfigError
+from ragjax.data import pipeline
+from ragjax.retrieval.index import write_json_atomic
+from ragjax.system import build_system, corpus_key
+from ragjax.train import (NonFiniteLossError, abstract_state, build_mesh, check_batch,
+                          config_to_json, frozen_towers, init_state, jit_train_step,
+                          make_optimizer)
+
+log = logging.getLogger("ragjax")
+
+
+def _gather_tree(tree):
+  if jax.process_count() == 1:
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+  return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
+                      tree)
+
+
+class Run:
+  """One run's static pieces: mesh, system, optimiser, abstract state, checkpointer, feeder."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, workdir):
+    self.cfg, self.workdir = cfg, pathlib.Path(workdir)
+    self.mesh, self.rules = build_mesh(cfg)
+    check_batch(cfg, self.mesh, self.rules)
+    self.system = build_system(cfg)
+    self.model = self.system.model
+    self.tx, self.schedule = make_optimizer(cfg.optim, int(cfg.train.total_steps))
+    replicated = []
+    self.shapes = abstract_state(self.model, self.tx, self.mesh, self.rules,
+                                 log_fn=replicated.append)
+    for line in replicated:
+      log.info(line)
+    self.ckpt = Checkpointer(self.workdir / "checkpoints",
+                             max_to_keep=int(cfg.train.keep_checkpoints),
+                             config=shape_config(cfg),
+                             async_save=bool(cfg.train.async_checkpointing))
+    kind = feed.choose_index_kind(cfg.index.kind, len(self.system.passages),
+                                  self.system.retriever.dim, int(cfg.index.device_max_bytes))
+    self.feeder = feed.Feeder(self.system, self.mesh, self.rules, kind)
+
+  @property
+  def is_main(self) -> bool:
+    return jax.process_index() == 0
+
+  def restore_or_init(self):
+    """`(state, meta or None)`: the newest checkpoint, or a fresh state."""
+    return self.ckpt.restore_or(
+        lambda: init_state(self.model, self.tx, self.shapes, self.system.host_towers(),
+                           int(self.cfg.seed)), self.shapes.state)
+
+  def restore_latest(self):
+    """`(state, meta)` of the newest checkpoint. Raises: FileNotFoundError when there is none."""
+    step = self.ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"{self.workdir / 'checkpoints'}: no checkpoint to evaluate")
+    return self.ckpt.restore(step, self.shapes.state)
+
+  def corpus_embeddings(self, params) -> np.ndarray:
+    """Passage embeddings `[N, D]` float32 of the corpus under the state's passage encoder
+    (cached in `index/embeddings-<key>` when the passage encoder is frozen)."""
+    from ragjax.retrieval.embed import embed_corpus, load_embeddings
+    system = self.system
+    if system.closed_book:
+      return np.zeros((0, system.retriever.dim), np.float32)
+    retriever = system.retriever
+    bs = int(self.cfg.retriever.embed_batch_size)
+    if "passage_encoder" not in frozen_towers(self.cfg.optim):
+      retriever.params = {**retriever.params,
+                          "passage_encoder": _gather_tree(params["bi_encoder"]["passage_encoder"])}
+      retriever._encode = {}
+      return retriever.encode_passages([p.title for p in system.passages],
+                                       [p.text for p in system.passages], batch_size=bs)
+    if jax.process_count() > 1:
+      return retriever.encode_passages([p.title for p in system.passages],
+                                       [p.text for p in system.passages], batch_size=bs)
+    out = self.workdir / "index" / f"embeddings-{corpus_key(system)}"
+    t0 = time.perf_counter()
+    embed_corpus(retriever, system.passages, out, batch_size=bs, progress=False)
+    emb, ids, _ = load_embeddings(out)
+    log.info("corpus: %d passages x %d embedded or loaded in %.1f s (%s)", len(ids),
+             emb.shape[1], time.perf_counter() - t0, out)
+    return emb
+
+  def evaluate(self, params, step: int, questions=None) -> dict | None:
+    questions = self.system.eval_questions if questions is None else questions
+    if not questions:
+      return None
+    report = evaluation.evaluate(self.feeder, params, questions, self.cfg.eval, step)
+    if self.is_main:
+      (self.workdir / "eval").mkdir(parents=True, exist_ok=True)
+      write_json_atomic(self.workdir / "eval" / f"step_{step}.json", report)
+    log.info("eval step %d: EM %.4f F1 %.4f answer recall %s (%d questions, %.1f s)", step,
+             report["exact_match"], report["f1"], report.get("answer_recall"),
+             report["num_questions"], report["seconds"])
+    return report
+
+
+def shape_config(cfg) -> dict:
+  """The config keys that fix parameter shapes (a checkpoint from a run that differs in them
+  cannot be restored; loss, K, lengths or learning rates may change between runs)."""
+  r, g = cfg.retriever, cfg.generator
+  return {"retriever": {"init": r.init, "random": r.random.to_dict()},
+          "generator": {"init": g.init, "num_layers": g.num_layers,
+                        "random": g.random.to_dict()}}
+
+
+class MetricsWriter:
+  """`metrics.jsonl` + TensorBoard (process 0 only)."""
+
+  def __init__(self, workdir: pathlib.Path, resume_step: int, enabled: bool,
+               tensorboard: bool = True):
+    self.enabled = enabled
+    self.path = workdir / "metrics.jsonl"
+    self.tb = None
+    if not enabled:
+      return
+    workdir.mkdir(parents=True, exist_ok=True)
+    if self.path.is_file():  # drop what the interrupted run logged after its last checkpoint
+      kept = [line for line in self.path.read_text().splitlines()
+              if line.strip() and json.loads(line)["step"] <= resume_step]
+      tmp = self.path.with_suffix(".jsonl.tmp")
+      tmp.write_text("".join(line + "\n" for line in kept))
+      os.replace(tmp, self.path)
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(str(workdir / "tb"))
+
+  def write(self, record: dict) -> None:
+    if not self.enabled:
+      return
+    with self.path.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self.tb is not None:
+      for k, v in record.items():
+        if k != "step" and isinstance(v, (int, float)):
+          self.tb.add_scalar(f"train/{k}", v, record["step"])
+
+  def close(self):
+    if self.tb is not None:
+      self.tb.close()
+
+
+class _Preemption:
+  """SIGTERM -> a flag checked at step boundaries (agreed across processes)."""
+
+  def __init__(self):
+    self.flag = False
+    self._old = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    log.warning("SIGTERM received: will save a checkpoint at the next step boundary and exit")
+    self.flag = True
+
+  def requested(self) -> bool:
+    if jax.process_count() == 1:
+      return self.flag
+    return bool(np.max(multihost_utils.process_allgather(np.int32(self.flag))))
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._old)
+
+
+def save_config(cfg, workdir: pathlib.Path, spec: str | None, overrides) -> None:
+  write_json_atomic(workdir / "config.json", {"spec": spec, "overrides": list(overrides or []),
+                                              "config": config_to_json(cfg)})
+
+
+def load_workdir_config(workdir) -> ml_collections.ConfigDict:
+  """The config a run in `workdir` was trained with. Raises: ConfigError when absent."""
+  path = pathlib.Path(workdir) / "config.json"
+  if not path.is_file():
+    raise ConfigError(f"{path}: not found (is {workdir} a `ragjax train` workdir?)")
+  return ml_collections.ConfigDict(json.loads(path.read_text())["config"])
+
+
+def train(cfg: ml_collections.ConfigDict, workdir, *, spec: str | None = None,
+          overrides=()) -> dict:
+  """Train (or resume) in `workdir`. Returns a summary: `final_step`, `stopped` ("done" |
+  "preempted"), `last_eval` (the final evaluation report or None).
+
+  Raises: ConfigError (bad config), DataError (bad data), CheckpointError (incompatible
+  checkpoint), NonFiniteLossError (stops the run; earlier checkpoints are kept).
+  """
+  workdir = pathlib.Path(workdir)
+  t_setup = time.perf_counter()
+  run = Run(cfg, workdir)
+  if run.is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, workdir, spec, overrides)
+  log.info("process %d/%d, %d devices, mesh %s, index %s", jax.process_index(),
+           jax.process_count(), jax.device_count(), dict(run.mesh.shape), run.feeder.kind)
+  state, meta = run.restore_or_init()
+  start = int(jax.device_get(state.step))
+  log.info("%s at step %d", "resumed" if meta else "initialised", start)
+  log.info("largest parameters:\n%s", sh.sharding_summary(state.params, top=8))
+  run.feeder.set_corpus(run.corpus_embeddings(state.params))
+  tcfg = cfg.train
+  total, g = int(tcfg.total_steps), int(tcfg.global_batch)
+  step_fn = jit_train_step(run.model, cfg, run.tx, run.schedule, run.shapes, run.mesh,
+                           run.rules)
+  rng = jax.random.key(int(cfg.seed))
+  writer = MetricsWriter(workdir, start, run.is_main, bool(tcfg.tensorboard))
+  preempt = _Preemption()
+  train_q = run.system.train_questions
+  log_every, ckpt_every = int(tcfg.log_every), int(tcfg.checkpoint_every)
+  eval_every = int(tcfg.eval_every)
+  bar = tqdm(total=total, initial=start, desc="train", unit="step",
+             disable=not (run.is_main and tcfg.progress_bar))
+  pending, t_last, n_last, stopped, last_eval = [], None, start, "done", None
+  log.info("set-up took %.1f s", time.perf_counter() - t_setup)
+
+  def check_finite():
+    bad = int(jax.device_get(state.nonfinite_step))
+    if bad >= 0:
+      run.ckpt.wait()
+      raise NonFiniteLossError(
+          f"non-finite loss or gradient at step {bad}; the update was not applied. Last good "
+          f"checkpoint: step {run.ckpt.latest_step()} in {run.ckpt.directory}")
+
+  try:
+    for step in range(start, total):
+      idx = pipeline.host_batch_indices(step, g, len(train_q), int(cfg.data.seed))
+      batch = run.feeder.batch(state.params, [train_q[i] for i in idx])
+      state, metrics = step_fn(state, batch, rng)
+      pending.append(metrics)
+      done = step + 1
+      if t_last is None:  # the first step compiles: time from its end
+        jax.block_until_ready(metrics)
+        t_last, n_last = time.perf_counter(), done
+        log.info("first step (with compilation) done")
+      if done % log_every == 0 or done == total:
+        if pending:
+          host = jax.device_get(pending)
+          now = time.perf_counter()
+          record = {"step": done}
+          for key in host[0]:
+            record[key] = float(np.mean([m[key] for m in host]))
+          if done > n_last:  # the first step's compilation is not counted
+            record["examples_per_second"] = round(g * (done - n_last) / max(now - t_last, 1e-9),
+                                                  3)
+          t_last, n_last, pending = now, done, []
+          writer.write(record)
+          bar.set_postfix(loss=f"{record['loss']:.4f}")
+        check_finite()
+      if done % ckpt_every == 0 or done == total:
+        check_finite()
+        run.ckpt.save(done, state, meta={"examples_seen": done * g,
+                                         "data_seed": int(cfg.data.seed)}, force=True)
+      if done < total and eval_every and done % eval_every == 0:
+        last_eval = run.evaluate(state.params, done)
+      bar.update(1)
+      if done < total and (jax.process_count() == 1 or done % log_every == 0) \
+          and preempt.requested():
+        run.ckpt.save(done, state, meta={"examples_seen": done * g,
+                                         "data_seed": int(cfg.data.seed),
+                                         "preempted": True}, force=True)
+        run.ckpt.wait()
+        stopped = "preempted"
+        log.warning("preempted: checkpoint at step %d saved; exiting", done)
+        break
+    else:
+      if start < total or not (workdir / "eval" / f"step_{total}.json").is_file():
+        last_eval = run.evaluate(state.params, total)
+  finally:
+    bar.close()
+    writer.close()
+    preempt.restore()
+    run.ckpt.close()
+  final = int(jax.device_get(state.step))
+  return {"final_step": final, "stopped": stopped, "last_eval": last_eval}
