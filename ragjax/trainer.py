@@ -221,8 +221,11 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, spec: str | None = None,
   if run.is_main:
     workdir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, workdir, spec, overrides)
-  log.info("process %d/%d, %d devices, mesh %s, index %s", jax.process_index(),
-           jax.process_count(), jax.device_count(), dict(run.mesh.shape), run.feeder.kind)
+  log.info("process %d/%d, %d local / %d global devices, mesh %s, index %s",
+           jax.process_index(), jax.process_count(), jax.local_device_count(),
+           jax.device_count(), dict(run.mesh.shape), run.feeder.kind)
+  if run.is_main:
+    log.info("resolved config (also in %s):\n%s", workdir / "config.json", cfg)
   state, meta = run.restore_or_init()
   start = int(jax.device_get(state.step))
   log.info("%s at step %d", "resumed" if meta else "initialised", start)
@@ -276,22 +279,21 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, spec: str | None = None,
           writer.write(record)
           bar.set_postfix(loss=f"{record['loss']:.4f}")
         check_finite()
-      if done % ckpt_every == 0 or done == total:
+      stop = done < total and (jax.process_count() == 1 or done % log_every == 0) \
+          and preempt.requested()
+      if done % ckpt_every == 0 or done == total or stop:
         check_finite()
-        run.ckpt.save(done, state, meta={"examples_seen": done * g,
-                                         "data_seed": int(cfg.data.seed)}, force=True)
-      if done < total and eval_every and done % eval_every == 0:
-        last_eval = run.evaluate(state.params, done)
+        meta = {"examples_seen": done * g, "data_seed": int(cfg.data.seed)}
+        run.ckpt.save(done, state, meta={**meta, "preempted": True} if stop else meta,
+                      force=True)
       bar.update(1)
-      if done < total and (jax.process_count() == 1 or done % log_every == 0) \
-          and preempt.requested():
-        run.ckpt.save(done, state, meta={"examples_seen": done * g,
-                                         "data_seed": int(cfg.data.seed),
-                                         "preempted": True}, force=True)
+      if stop:
         run.ckpt.wait()
         stopped = "preempted"
         log.warning("preempted: checkpoint at step %d saved; exiting", done)
         break
+      if done < total and eval_every and done % eval_every == 0:
+        last_eval = run.evaluate(state.params, done)
     else:
       if start < total or not (workdir / "eval" / f"step_{total}.json").is_file():
         last_eval = run.evaluate(state.params, total)

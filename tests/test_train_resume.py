@@ -222,10 +222,6 @@ def test_sigterm_saves_a_preempted_checkpoint_and_exits_0(preempted, env):
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.xfail(strict=True, reason=(
-    "trainer bug: SIGTERM noticed at a step that was just checkpointed saves that step a "
-    "second time; orbax raises StepAlreadyExistsError and the run exits 1, not 0 "
-    "(ragjax/trainer.py: the preemption save after the periodic save of the same step)"))
 def test_sigterm_on_a_checkpoint_step_exits_0(preempted):
   root, runs = preempted
   run = runs["on"]
