@@ -133,6 +133,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.generator = dict(
       init="bert:minilm",         # "bert:minilm" | "bert:DIR" (BERT2BERT) | "hf:DIR" | "random"
       num_layers=0,               # bert warm start: keep the first N layers (0 = all)
+      cross_attention_init="random",  # bert warm start: "random" (Rothe et al.) | "self_attention"
       dropout_rate=0.1,
       random=dict(arch="bart", d_model=32, num_layers=2, num_heads=4, ffn_size=64))
   c.model = dict(

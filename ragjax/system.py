@@ -269,7 +269,7 @@ def build_generator(cfg, vocab_dir) -> tuple[Seq2SeqConfig, dict | None, Generat
     gcfg, params = warm_start_from_bert(
         bcfg, bparams, seed=int(cfg.seed), pad_token_id=vocab.pad_id,
         bos_token_id=vocab._token_id("[CLS]"), eos_token_id=vocab._token_id("[SEP]"),
-        attention_dropout_rate=0.0, **common)
+        attention_dropout_rate=0.0, cross_attention=str(g.cross_attention_init), **common)
     return gcfg, params, GeneratorTokenizer(vocab._tok, gcfg)
   if kind == "hf":
     path = pathlib.Path(where)

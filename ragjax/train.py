@@ -191,7 +191,7 @@ def make_train_step(model: RagModel, cfg, tx, schedule):
       (loss, aux, grads), _ = jax.lax.scan(body, (zeros[0][0], zeros[0][1], zeros[1]),
                                            (jnp.arange(accum), micro))
       loss, aux, grads = jax.tree.map(lambda x: x / accum, (loss, aux, grads))
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

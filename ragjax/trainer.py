@@ -218,15 +218,15 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, spec: str | None = None,
   workdir = pathlib.Path(workdir)
   t_setup = time.perf_counter()
   run = Run(cfg, workdir)
-  if run.is_main:
-    workdir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, workdir, spec, overrides)
   log.info("process %d/%d, %d local / %d global devices, mesh %s, index %s",
            jax.process_index(), jax.process_count(), jax.local_device_count(),
            jax.device_count(), dict(run.mesh.shape), run.feeder.kind)
   if run.is_main:
     log.info("resolved config (also in %s):\n%s", workdir / "config.json", cfg)
-  state, meta = run.restore_or_init()
+  state, meta = run.restore_or_init()  # a refused checkpoint leaves config.json as it was
+  if run.is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, workdir, spec, overrides)
   start = int(jax.device_get(state.step))
   log.info("%s at step %d", "resumed" if meta else "initialised", start)
   log.info("largest parameters:\n%s", sh.sharding_summary(state.params, top=8))

@@ -256,3 +256,11 @@ def test_warm_start_from_bert(tmp_path):
   dec_ids = np.concatenate([np.full((3, 1), cfg.decoder_start_token_id), ids[:, :5]], axis=1)
   logits = np.asarray(jax.jit(lambda p: model.apply({"params": p}, ids, mask, dec_ids))(params))
   assert logits.shape == (3, 6, bert_cfg.vocab_size) and np.isfinite(logits).all()
+  # The optional self-attention start of the cross-attention copies BERT layer i's attention.
+  _, copied = warm_start_from_bert(bert_cfg, bert_params, cross_attention="self_attention")
+  for i in range(bert_cfg.num_hidden_layers):
+    cross, att = copied["decoder"][f"layer_{i}"]["cross_attn"], bert_params[f"layer_{i}"]["attention"]
+    for ours, theirs in (("query", "query"), ("key", "key"), ("value", "value"), ("out", "output")):
+      np.testing.assert_array_equal(cross[ours]["kernel"], att[theirs]["kernel"])
+  with pytest.raises(ValueError, match="cross_attention"):
+    warm_start_from_bert(bert_cfg, bert_params, cross_attention="bert")

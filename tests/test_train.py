@@ -265,6 +265,8 @@ def test_cli_config_errors(tmp_path, capsys, trained):
              "--config.mesh.num_devices=1", "--config.mesh.axes=(('data', 1), ('fsdp', 1), ('tensor', 1))"])
   err = capsys.readouterr().err
   assert rc == 2 and "incompatible config" in err and "d_model" in err, err
+  saved = json.loads((trained / "config.json").read_text())["config"]
+  assert saved["generator"]["random"]["d_model"] == 32  # the refused run changed nothing
 
 
 def test_eval_and_generate_commands(trained, capsys):
@@ -282,3 +284,19 @@ def test_eval_and_generate_commands(trained, capsys):
   out = json.loads(capsys.readouterr().out)
   assert out["step"] == 2 and len(out["passages"]) == 2
   assert math.isclose(sum(p["p"] for p in out["passages"]), 1.0, rel_tol=1e-5)
+
+
+def test_scann_on_the_host_feeds_the_step_batch_like_exact_search(h1):
+  """ScaNN (asymmetric hashing + exact re-ordering on this small corpus) in the input pipeline:
+  same shapes and dtypes as on-device top-k, and the same passages for almost every question."""
+  dev = h1.reset()
+  scann = feed.Feeder(dev.run.system, dev.run.mesh, dev.run.rules, "scann")
+  scann.set_corpus(dev.run.corpus_embeddings(dev.state.params))
+  qs = dev.run.system.train_questions[:16]
+  a, b = dev.run.feeder.batch(dev.state.params, qs), scann.batch(dev.state.params, qs)
+  for key in train.batch_shapes(dev.run.cfg, dev.run.model, dev.run.mesh, dev.run.rules):
+    assert a[key].shape == b[key].shape and a[key].dtype == b[key].dtype, key
+  same = np.mean(np.asarray(a["doc_ids"])[:, 0] == np.asarray(b["doc_ids"])[:, 0])
+  assert same >= 0.9, same
+  state, m = dev.step(dev.state, b, jax.random.key(0))
+  assert np.isfinite(float(m["loss"]))

@@ -239,7 +239,8 @@ def load_seq2seq_dir(path, **overrides) -> tuple[Seq2SeqConfig, dict]:
 
 def warm_start_from_bert(bert_cfg: BertConfig, bert_params: dict, *, seed: int = 0,
                          pad_token_id: int = 0, bos_token_id: int = 101, eos_token_id: int = 102,
-                         decoder_start_token_id: int | None = None, **overrides
+                         decoder_start_token_id: int | None = None,
+                         cross_attention: str = "random", **overrides
                          ) -> tuple[Seq2SeqConfig, dict]:
   """BERT2BERT (Rothe et al. 2020): a BART-architecture `Seq2Seq` started from BERT weights.
 
@@ -254,9 +255,19 @@ def warm_start_from_bert(bert_cfg: BertConfig, bert_params: dict, *, seed: int =
   Token ids default to bert-base-uncased's ([PAD]=0, [CLS]=101 as BOS and decoder start,
   [SEP]=102 as EOS). `overrides` set further `Seq2SeqConfig` fields.
 
+  `cross_attention="self_attention"` instead starts decoder layer i's cross-attention (and its
+  LayerNorm) from BERT layer i's self-attention: its query/key projections already match a
+  decoder token to related encoder tokens, so reading (copying) the input is learned in far fewer
+  steps than from random weights (measured on the synthetic biographies: see
+  experiments/bios.py). This departs from Rothe et al.'s recipe, which keeps it random.
+
   Raises:
-    ValueError: BERT with a projection layer or an activation we do not know.
+    ValueError: BERT with a projection layer, an unknown `cross_attention`.
+
   """
+  if cross_attention not in ("random", "self_attention"):
+    raise ValueError(f"cross_attention {cross_attention!r}: expected 'random' or "
+                     "'self_attention'")
   if bert_cfg.projection_dim:
     raise ValueError("warm_start_from_bert: BERT's encode_proj has no place in a seq2seq model")
   kw = dict(
@@ -302,6 +313,13 @@ def warm_start_from_bert(bert_cfg: BertConfig, bert_params: dict, *, seed: int =
   for i in range(cfg.decoder_layers):
     params[("decoder", f"layer_{i}", "cross_attn_norm", "scale")] = np.ones(cfg.d_model, np.float32)
     params[("decoder", f"layer_{i}", "cross_attn_norm", "bias")] = np.zeros(cfg.d_model, np.float32)
+    if cross_attention == "self_attention":
+      ours = ("decoder", f"layer_{i}")
+      for p in ("query", "key", "value", "out"):
+        for leaf in ("kernel", "bias"):
+          params[ours + ("cross_attn", p, leaf)] = params[ours + ("self_attn", p, leaf)]
+      for leaf in ("scale", "bias"):
+        params[ours + ("cross_attn_norm", leaf)] = params[ours + ("self_attn_norm", leaf)]
   wrong = sorted("/".join(k) for k in set(expected) ^ set(params))
   wrong += ["/".join(k) for k in expected if k in params
             and tuple(params[k].shape) != tuple(expected[k].shape)]
