@@ -44,7 +44,6 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from flax.training import train_state  # noqa: E402
 
 import _results  # noqa: E402
 from ragjax.models import rag  # noqa: E402

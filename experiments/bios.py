@@ -41,7 +41,7 @@ def get_config(arg=None):
     c.optim.start_steps.query_encoder = 1000
   else:
     c.optim.freeze = ("passage_encoder", "query_encoder")
-  c.train.total_steps = arg.steps or 1500
+  c.train.total_steps = arg.steps or 2100
   c.train.global_batch = 8
   c.train.log_every = 20
   c.train.checkpoint_every = 250

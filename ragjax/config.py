@@ -1,6 +1,6 @@
 """Experiment configs: one Python file per experiment, `get_config(arg) -> ConfigDict`.
 
-  ragjax train --config experiments/bios.py:smoke --config.total_steps=50 --workdir runs/x
+  ragjax train --config experiments/bios.py:smoke --config.train.total_steps=50 --workdir runs/x
 
 `load_config("file.py:arg")` imports the file and calls `get_config(arg)`; `parse_arg` turns the
 argument string ("smoke,loss=rag_token") into a ConfigDict of typed values; `apply_overrides`

@@ -31,7 +31,7 @@ from ragjax.rag_decoding import rag_sequence_generate, rag_token_generate
 DECODINGS = ("rag_token", "rag_sequence_fast", "rag_sequence_thorough")
 
 
-def _gather(x) -> np.ndarray:
+def gather(x) -> np.ndarray:
   """A global batch-sharded array as one host numpy array on every process."""
   if jax.process_count() == 1:
     return np.asarray(jax.device_get(x))
@@ -59,7 +59,7 @@ def decode_batch(feeder: Feeder, params, batch: dict, ecfg) -> tuple[np.ndarray,
                                    ).sequences[:, 0]
     else:
       raise ValueError(f"eval.decoding {ecfg.decoding!r}: expected one of {DECODINGS}")
-  return _gather(seqs), _gather(scores)
+  return gather(seqs), gather(scores)
 
 
 def evaluate(feeder: Feeder, params, questions: Sequence[Question], ecfg, step: int = 0,
@@ -78,16 +78,15 @@ def evaluate(feeder: Feeder, params, questions: Sequence[Question], ecfg, step: 
   system = feeder.system
   size = int(ecfg.batch_size)
   t0 = time.perf_counter()
-  preds, rows_all, priors = [], [], []
+  preds, rows_all = [], []
   for start in range(0, len(questions), size):
     chunk = list(questions[start:start + size])
     chunk += [chunk[-1]] * (size - len(chunk))
     batch = feeder.batch(params, chunk[feeder.local_rows(size)])
-    seqs, scores = decode_batch(feeder, params, batch, ecfg)
+    seqs, _ = decode_batch(feeder, params, batch, ecfg)
     n = min(size, len(questions) - start)
     preds += [system.gen_tok.decode(s) for s in seqs[:n]]
-    rows_all.append(_gather(batch["doc_ids"])[:n])
-    priors.append(scores[:n])
+    rows_all.append(gather(batch["doc_ids"])[:n])
   rows = np.concatenate(rows_all)
   em, f1s = [], []
   for q, pred in zip(questions, preds):

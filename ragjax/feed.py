@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax.linen import partitioning as nn_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
@@ -80,8 +79,8 @@ class Feeder:
   # --------------------------------------------------------------------------------- corpus
 
   def set_corpus(self, embeddings_nd: np.ndarray) -> None:
-    """Install the passage embeddings `[N, D]` float32 (a new index version: no recompile, the
-    shapes stay)."""
+    """Install the passage embeddings `[N, D]` float32 (a new index version of the same corpus:
+    no recompile while N and D stay)."""
     emb = np.asarray(embeddings_nd, np.float32)
     if self.system.closed_book:
       return
@@ -139,9 +138,25 @@ class Feeder:
   # --------------------------------------------------------------------------------- batches
 
   def local_rows(self, global_size: int) -> slice:
-    """This process's rows of a global batch of `global_size`."""
+    """This process's rows of a global batch of `global_size`: where
+    `make_array_from_process_local_data` puts its local data, i.e. the rows of the batch
+    sharding's devices on this process (process order and device order may differ on real
+    slices).
+
+    Raises: ValueError when they are not one contiguous block of `global_size / processes`.
+    """
     local = pipeline.local_batch_size(global_size)
-    return slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+    if jax.process_count() == 1:
+      return slice(0, global_size)
+    spans = {(i[0].start or 0, global_size if i[0].stop is None else i[0].stop)
+             for i in self.batch_sharding(1).addressable_devices_indices_map(
+                 (global_size,)).values()}
+    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+    if hi - lo != local:
+      raise ValueError(f"process {jax.process_index()} holds batch rows {sorted(spans)} of "
+                       f"{global_size}: not one block of {local}; shard the batch over axes "
+                       "that span the processes")
+    return slice(lo, hi)
 
   def batch(self, params, questions_local) -> dict:
     """The step batch (global `jax.Array`s, module docstring) for this process's questions
@@ -169,7 +184,7 @@ class Feeder:
                    doc_ids=rows)
         return out
       q_bd = self._encode_fn()(params, out["query_input_ids"], out["query_attention_mask"])
-    q_local = np.asarray(jax.device_get(q_bd))[self.local_rows(q_bd.shape[0])]
+    q_local = np.asarray(jax.device_get(q_bd))[self.local_rows(q_bd.shape[0])]  # replicated
     _, rows = self.index.search_rows(q_local, self.k)
     t = self.system.tables
     ids, mask = assemble_contexts(t.ids, t.lengths, host["question_ids"],

@@ -238,23 +238,30 @@ def cmd_eval(args):
                else run.system.train_questions)
   if args.max_questions:
     questions = questions[:args.max_questions]
-  report = run.evaluate(state.params, meta["step"], questions)
+  if not questions:
+    raise SystemExit(f"ragjax eval: the {args.split} split has no questions")
+  # The training run's own eval/step_N.json stays; this writes step_N.<split>[.maxM].json.
+  suffix = f".{args.split}" + (f".max{args.max_questions}" if args.max_questions else "")
+  report = run.evaluate(state.params, meta["step"], questions, name_suffix=suffix)
   print(json.dumps({k: report[k] for k in ("step", "num_questions", "exact_match", "f1")
                     if k in report} | {"answer_recall": report.get("answer_recall")}))
 
 
 def cmd_generate(args):
+  import jax
   import numpy as np
   from ragjax.data.qa import Question
-  from ragjax.evaluation import decode_batch
+  from ragjax import sharding
+  from ragjax.evaluation import decode_batch, gather
   run, state, meta = _restored_run(args)
   feeder = run.feeder
-  size = int(run.cfg.eval.batch_size)
+  size = sharding.batch_shards(run.mesh, run.rules)  # the smallest batch the mesh takes
+  size *= -(-jax.process_count() // size) if size % jax.process_count() else 1
   q = Question("cli", args.question, ())
-  batch = feeder.batch(state.params, [q] * size)
+  batch = feeder.batch(state.params, [q] * (size // jax.process_count()))
   seqs, scores = decode_batch(feeder, state.params, batch, run.cfg.eval)
   answer = run.system.gen_tok.decode(seqs[0])
-  rows = np.asarray(batch["doc_ids"])[0]
+  rows = gather(batch["doc_ids"])[0]
   prior = np.exp(scores[0] - np.logaddexp.reduce(scores[0]))
   if args.json:
     print(json.dumps({"question": args.question, "answer": answer, "step": meta["step"],

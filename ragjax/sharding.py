@@ -131,3 +131,10 @@ def batch_sharding(mesh: Mesh, rules, ndim: int = 2):
   from jax.sharding import NamedSharding, PartitionSpec
   physical = dict(check_rules(rules, mesh)).get(BATCH)
   return NamedSharding(mesh, PartitionSpec(physical, *([None] * (ndim - 1))))
+
+
+def batch_shards(mesh: Mesh, rules) -> int:
+  """How many ways the `batch` rule splits a global batch on `mesh` (the data-parallel size)."""
+  physical = dict(check_rules(rules, mesh)).get(BATCH)
+  names = (physical,) if isinstance(physical, str) else tuple(physical or ())
+  return int(np.prod([mesh.shape[a] for a in names])) if names else 1

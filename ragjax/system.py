@@ -34,7 +34,7 @@ from ragjax.errors import DataError
 from ragjax.models.bert import BertConfig, BertEncoder
 from ragjax.models.rag import TITLE_SEP, DOC_SEP, RagModel
 from ragjax.models.retriever import EMBED_BUCKETS, Retriever
-from ragjax.models.seq2seq import Seq2Seq, Seq2SeqConfig
+from ragjax.models.seq2seq import Seq2SeqConfig
 
 log = logging.getLogger("ragjax")
 TOWERS = ("query_encoder", "passage_encoder", "generator")
@@ -195,11 +195,11 @@ class RagSystem:
   # ----------------------------------------------------------------------------- parameters
 
   def host_towers(self) -> dict:
-    """Pretrained towers as host numpy trees (`{tower: params}`; a random tower is absent)."""
-    out = {}
-    if self.cfg.retriever.init != "random":
-      out["query_encoder"] = self.retriever.params["query_encoder"]
-      out["passage_encoder"] = self.retriever.params["passage_encoder"]
+    """Host numpy towers to place into the state (`{tower: params}`): both retriever towers
+    (pretrained, or the seeded random ones that embedded the corpus) and a loaded or
+    warm-started generator (absent for a random one, which is initialised on the mesh)."""
+    out = {"query_encoder": self.retriever.params["query_encoder"],  # the towers the index
+           "passage_encoder": self.retriever.params["passage_encoder"]}  # was embedded with
     if self.generator_params is not None:
       out["generator"] = self.generator_params
     return out

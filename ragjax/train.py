@@ -24,10 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import pathlib
-import signal
-import time
 from typing import Any
 
 import flax.struct
@@ -132,7 +128,8 @@ def make_optimizer(o, total_steps: int) -> tuple[optax.GradientTransformation, o
 
 def opt_state_shardings(abstract_opt, param_shardings, mesh):
   """NamedShardings for an optax state: each leaf takes the sharding of the parameter whose
-  path is the longest suffix of its own path and whose shape matches; others replicate."""
+  path is the longest suffix of its own path (Adam's moments mirror the parameters); leaves
+  with no such parameter (counts, empty states) replicate."""
   by_path = {}
   for path, s in jax.tree_util.tree_leaves_with_path(param_shardings):
     by_path[tuple(getattr(k, "key", None) for k in path)] = s
@@ -172,6 +169,7 @@ def make_train_step(model: RagModel, cfg, tx, schedule):
     return rag_loss(model, p, batch, loss_name, smoothing, deterministic=False, rng=rng)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  starts = {t: int(v) for t, v in dict(cfg.optim.start_steps).items() if int(v) > 0}
 
   def train_step(state: TrainState, batch: dict, rng):
     rng = jax.random.fold_in(rng, state.step)
@@ -191,6 +189,10 @@ def make_train_step(model: RagModel, cfg, tx, schedule):
       (loss, aux, grads), _ = jax.lax.scan(body, (zeros[0][0], zeros[0][1], zeros[1]),
                                            (jnp.arange(accum), micro))
       loss, aux, grads = jax.tree.map(lambda x: x / accum, (loss, aux, grads))
+    if starts:  # a tower before its start step contributes no gradient (nor to clipping)
+      grads = {"bi_encoder": {t: _gate(g, state.step, starts.get(t, 0))
+                              for t, g in grads["bi_encoder"].items()},
+               "generator": _gate(grads["generator"], state.step, starts.get("generator", 0))}
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -208,15 +210,21 @@ def make_train_step(model: RagModel, cfg, tx, schedule):
   return train_step
 
 
+def _gate(tree, step, start: int):
+  if start <= 0:
+    return tree
+  on = (step >= start).astype(jnp.float32)
+  return jax.tree.map(lambda g: g * on.astype(g.dtype), tree)
+
+
 # --------------------------------------------------------------------------- construction
 
 def check_batch(cfg, mesh, rules) -> None:
   """Raises ConfigError when the global batch does not split over processes, micro-batches and
   the data-parallel (batch) shards."""
   g, accum = int(cfg.train.global_batch), int(cfg.train.grad_accum_steps)
-  physical = dict(rules).get(sh.BATCH)
-  names = (physical,) if isinstance(physical, str) else tuple(physical or ())
-  shards = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+  shards = sh.batch_shards(mesh, rules)
+  names = dict(rules).get(sh.BATCH)
   if accum < 1 or g % accum:
     raise ConfigError(f"train.global_batch={g} is not divisible by train.grad_accum_steps="
                       f"{accum}")
@@ -239,8 +247,7 @@ def build_mesh(cfg):
       raise ValueError(f"mesh.num_devices={n}: only on one process, at most "
                        f"{jax.device_count()} devices")
     mesh = sh.make_mesh([(str(n), int(s)) for n, s in cfg.mesh.axes], devices=devices)
-    rules = sh.check_rules([(l, tuple(p) if isinstance(p, (list, tuple)) else p)
-                            for l, p in cfg.mesh.axis_rules], mesh)
+    rules = normalized_rules(cfg, mesh)
   except ValueError as e:
     raise ConfigError(f"mesh: {e}") from None
   return mesh, rules
@@ -307,6 +314,12 @@ def jit_train_step(model: RagModel, cfg, tx, schedule, shapes: Shapes, mesh, rul
   return run
 
 
+def normalized_rules(cfg, mesh):
+  """`cfg.mesh.axis_rules` (lists from JSON or tuples) checked against `mesh`."""
+  return sh.check_rules([(l, tuple(p) if isinstance(p, (list, tuple)) else p)
+                         for l, p in cfg.mesh.axis_rules], mesh)
+
+
 def _lower(jitted, mesh, rules, *args):
   with jax.set_mesh(mesh), nn_partitioning.axis_rules(rules):
     return jitted.lower(*args)
@@ -353,8 +366,7 @@ def compile_for_topology(cfg, topology: str, chip: str | None = None) -> dict:
   from ragjax.system import abstract_model
   try:
     mesh = aot.tpu_mesh(topology, [(str(n), int(s)) for n, s in cfg.mesh.axes], chip=chip)
-    rules = sh.check_rules([(l, tuple(p) if isinstance(p, (list, tuple)) else p)
-                            for l, p in cfg.mesh.axis_rules], mesh)
+    rules = normalized_rules(cfg, mesh)
   except ValueError as e:
     raise ConfigError(f"mesh on {topology}: {e}") from None
   check_batch(cfg, mesh, rules)

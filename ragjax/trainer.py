@@ -10,7 +10,9 @@
 
 A run resumes from the newest checkpoint in its workdir by itself; metrics logged after that
 checkpoint by the interrupted run are dropped so `metrics.jsonl` reads as one run. SIGTERM
-(preemption) saves a checkpoint at the next step boundary and exits cleanly with status 0.
+(preemption) saves a checkpoint at the next step boundary (with several processes: the next
+logged step, where they agree) and exits cleanly with status 0; a SIGTERM during an evaluation
+is acted on after it.
 Only process 0 writes files other than checkpoints.
 """
 from __future__ import annotations
@@ -43,10 +45,7 @@ log = logging.getLogger("ragjax")
 
 
 def _gather_tree(tree):
-  if jax.process_count() == 1:
-    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
-  return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
-                      tree)
+  return jax.tree.map(evaluation.gather, tree)
 
 
 class Run:
@@ -56,6 +55,7 @@ class Run:
     self.cfg, self.workdir = cfg, pathlib.Path(workdir)
     self.mesh, self.rules = build_mesh(cfg)
     check_batch(cfg, self.mesh, self.rules)
+    check_run_config(cfg, self.mesh, self.rules)
     self.system = build_system(cfg)
     self.model = self.system.model
     self.tx, self.schedule = make_optimizer(cfg.optim, int(cfg.train.total_steps))
@@ -115,14 +115,16 @@ class Run:
              emb.shape[1], time.perf_counter() - t0, out)
     return emb
 
-  def evaluate(self, params, step: int, questions=None) -> dict | None:
+  def evaluate(self, params, step: int, questions=None, name_suffix: str = "") -> dict | None:
+    """Evaluate and write `eval/step_<step><name_suffix>.json` (process 0); None when there are
+    no questions."""
     questions = self.system.eval_questions if questions is None else questions
     if not questions:
       return None
     report = evaluation.evaluate(self.feeder, params, questions, self.cfg.eval, step)
     if self.is_main:
       (self.workdir / "eval").mkdir(parents=True, exist_ok=True)
-      write_json_atomic(self.workdir / "eval" / f"step_{step}.json", report)
+      write_json_atomic(self.workdir / "eval" / f"step_{step}{name_suffix}.json", report)
     log.info("eval step %d: EM %.4f F1 %.4f answer recall %s (%d questions, %.1f s)", step,
              report["exact_match"], report["f1"], report.get("answer_recall"),
              report["num_questions"], report["seconds"])
@@ -138,6 +140,26 @@ def shape_config(cfg) -> dict:
                         "random": g.random.to_dict()}}
 
 
+def check_run_config(cfg, mesh, rules) -> None:
+  """Config checks that would otherwise fail late (at the first evaluation). Raises
+  ConfigError."""
+  shards = sh.batch_shards(mesh, rules)
+  e = int(cfg.eval.batch_size)
+  if e % shards or e % jax.process_count():
+    raise ConfigError(f"eval.batch_size={e} is not divisible by the data-parallel size {shards} "
+                      f"and the {jax.process_count()} processes")
+  if cfg.eval.decoding not in evaluation.DECODINGS:
+    raise ConfigError(f"eval.decoding {cfg.eval.decoding!r}: expected one of "
+                      f"{evaluation.DECODINGS}")
+  if cfg.index.kind not in feed.INDEX_KINDS:
+    raise ConfigError(f"index.kind {cfg.index.kind!r}: expected one of {feed.INDEX_KINDS}")
+  if "passage_encoder" not in frozen_towers(cfg.optim) and cfg.model.loss != "closed_book":
+    raise ConfigError("optim.freeze must include passage_encoder: the step scores retrieved "
+                      "passages by their index embeddings, so a trainable passage encoder would "
+                      "get no gradient (only weight decay) until the asynchronous indexer "
+                      "(joint training) refreshes the index")
+
+
 class MetricsWriter:
   """`metrics.jsonl` + TensorBoard (process 0 only)."""
 
@@ -150,8 +172,13 @@ class MetricsWriter:
       return
     workdir.mkdir(parents=True, exist_ok=True)
     if self.path.is_file():  # drop what the interrupted run logged after its last checkpoint
-      kept = [line for line in self.path.read_text().splitlines()
-              if line.strip() and json.loads(line)["step"] <= resume_step]
+      kept = []
+      for line in self.path.read_text().splitlines():
+        try:  # a line cut short by a kill is dropped, not fatal
+          if json.loads(line)["step"] <= resume_step:
+            kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+          continue
       tmp = self.path.with_suffix(".jsonl.tmp")
       tmp.write_text("".join(line + "\n" for line in kept))
       os.replace(tmp, self.path)
@@ -229,6 +256,9 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, spec: str | None = None,
     save_config(cfg, workdir, spec, overrides)
   start = int(jax.device_get(state.step))
   log.info("%s at step %d", "resumed" if meta else "initialised", start)
+  if start > int(cfg.train.total_steps):
+    raise ConfigError(f"train.total_steps={cfg.train.total_steps} is below the step of the newest "
+                      f"checkpoint ({start}) in {run.ckpt.directory}")
   log.info("largest parameters:\n%s", sh.sharding_summary(state.params, top=8))
   run.feeder.set_corpus(run.corpus_embeddings(state.params))
   tcfg = cfg.train
@@ -256,7 +286,8 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, spec: str | None = None,
 
   try:
     for step in range(start, total):
-      idx = pipeline.host_batch_indices(step, g, len(train_q), int(cfg.data.seed))
+      idx = pipeline.batch_indices(step, g, len(train_q), int(cfg.data.seed))[
+          run.feeder.local_rows(g)]
       batch = run.feeder.batch(state.params, [train_q[i] for i in idx])
       state, metrics = step_fn(state, batch, rng)
       pending.append(metrics)
@@ -295,6 +326,7 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, spec: str | None = None,
       if done < total and eval_every and done % eval_every == 0:
         last_eval = run.evaluate(state.params, done)
     else:
+      run.ckpt.wait()  # the final checkpoint is on disk before the (long) final evaluation
       if start < total or not (workdir / "eval" / f"step_{total}.json").is_file():
         last_eval = run.evaluate(state.params, total)
   finally:

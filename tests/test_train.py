@@ -11,7 +11,6 @@ import pytest
 
 from ragjax import config as config_lib
 from ragjax import feed, train
-from ragjax.data.qa import Question
 from ragjax.main import main
 from ragjax.models.rag import build_context_inputs
 from ragjax.system import assemble_contexts, build_system
@@ -257,6 +256,10 @@ def test_cli_config_errors(tmp_path, capsys, trained):
   assert rc == 2 and "mesh" in err and "have 8" in err, err
   rc, err = run("--config.train.global_batch=6")
   assert rc == 2 and "not divisible by the data-parallel size 8" in err
+  rc, err = run("--config.eval.batch_size=6")
+  assert rc == 2 and "eval.batch_size=6" in err, err
+  rc, err = run("--config.optim.freeze=()")
+  assert rc == 2 and "optim.freeze must include passage_encoder" in err, err
   rc, err = run("--config.data.source=files", "--config.data.corpus=/no/such.jsonl")
   assert rc == 2 and "/no/such.jsonl" in err and "data.corpus" in err
   capsys.readouterr()
@@ -274,8 +277,9 @@ def test_eval_and_generate_commands(trained, capsys):
   capsys.readouterr()
   assert main(["eval", "--workdir", w, "--max-questions", "8"]) == 0
   printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-  report = json.loads((tmp_path / "eval" / "step_2.json").read_text())
+  report = json.loads((tmp_path / "eval" / "step_2.eval.max8.json").read_text())
   assert printed["exact_match"] == report["exact_match"] and report["num_questions"] == 8
+  assert json.loads((tmp_path / "eval" / "step_2.json").read_text())["num_questions"] == 16
   from ragjax import metrics
   ex = report["examples"]
   assert report["exact_match"] == np.mean([metrics.exact_match(e["prediction"], e["answers"])
