@@ -6,7 +6,9 @@ self-attention weights), and the other 20% (people never asked about in training
 Retrieval: MiniLM bi-encoder, exact top-k on the device, K = 2, doc scores = 20 * cosine.
 
   ragjax train --config experiments/bios.py --workdir runs/bios
-  measured: MAIN_JOB_RESULT
+  measured (2-core CPU, 2026-11-21): 18 min 33 s; exact match 0.758, F1 0.827, answer recall@1/@2
+  0.946/0.990 on 500 held-out questions (EM 0.024/0.380/0.402/0.756 at steps 500/1000/1500/2000);
+  with --config.train.total_steps=1500: EM 0.716 in 13 min 24 s.
 
 The query encoder is frozen here unless `train_retriever` is given: while the generator does not
 yet read its passages, the retrieval gradient p(z|x) - p(z|x,y) only carries the generator's
