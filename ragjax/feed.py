@@ -71,8 +71,7 @@ class Feeder:
 
   def _corpus_sharding(self, n: int) -> NamedSharding:
     axes = dict(self.rules).get(sh.CORPUS)
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    size = int(np.prod([self.mesh.shape[a] for a in names])) if names else 1
+    size = sh.mesh_axes_size(self.mesh, axes)
     spec = PartitionSpec(axes, None) if size > 1 and n % size == 0 else PartitionSpec()
     return NamedSharding(self.mesh, spec)
 

@@ -105,8 +105,7 @@ def logical_param_shardings(abstract_boxed, mesh: Mesh, rules, log=None):
   def fit(path, spec, leaf):
     parts = []
     for dim, axes in zip(leaf.shape, tuple(spec) + (None,) * (len(leaf.shape) - len(spec))):
-      size = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else
-                                                  (axes or ()))]))
+      size = mesh_axes_size(mesh, axes)
       if size > 1 and dim % size:
         log(f"sharding: {jax.tree_util.keystr(path)} {tuple(leaf.shape)}: dimension {dim} is not "
             f"divisible by mesh axes {axes} ({size}); replicated on that dimension")
@@ -135,6 +134,10 @@ def batch_sharding(mesh: Mesh, rules, ndim: int = 2):
 
 def batch_shards(mesh: Mesh, rules) -> int:
   """How many ways the `batch` rule splits a global batch on `mesh` (the data-parallel size)."""
-  physical = dict(check_rules(rules, mesh)).get(BATCH)
-  names = (physical,) if isinstance(physical, str) else tuple(physical or ())
-  return int(np.prod([mesh.shape[a] for a in names])) if names else 1
+  return mesh_axes_size(mesh, dict(check_rules(rules, mesh)).get(BATCH))
+
+
+def mesh_axes_size(mesh: Mesh, axes) -> int:
+  """Devices along `axes` (a mesh axis name, a tuple of them, or None = 1) of `mesh`."""
+  names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return int(np.prod([mesh.shape[a] for a in names]))

@@ -93,13 +93,20 @@ def passage_tables(passages: Sequence[Passage], tok: GeneratorTokenizer, length:
   texts = [(p.title.removeprefix('"').removesuffix('"') + title_sep + p.text).replace("  ", " ")
            for p in passages]
   bos = [] if tok.bos is None else [tok.bos]
-  ids = np.full((len(passages), length), tok.pad, np.int32)
-  lengths = np.zeros(len(passages), np.int32)
-  for i, row in enumerate(tok.ids(texts)):
-    row = (bos + row)[:length - 1]
+  return ContextTables(*pad_rows([(bos + row)[:length - 1] for row in tok.ids(texts)], length,
+                                 tok.pad))
+
+
+def pad_rows(rows: Sequence[Sequence[int]], width: int, pad_id: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """Token id lists (each at most `width` long) -> `(ids [N, width] int32, lengths [N] int32)`,
+  right-padded with `pad_id`."""
+  ids = np.full((len(rows), width), pad_id, np.int32)
+  lengths = np.zeros(len(rows), np.int32)
+  for i, row in enumerate(rows):
     ids[i, :len(row)] = row
     lengths[i] = len(row)
-  return ContextTables(ids, lengths)
+  return ids, lengths
 
 
 def assemble_contexts(table_ids_nl, table_lengths_n, question_ids_bq, question_lengths_b,
@@ -167,22 +174,17 @@ class RagSystem:
     tok = self.gen_tok
     qmax = length // 2 if not self.closed_book else length
     prefix = "" if self.closed_book else DOC_SEP
-    q_ids = np.full((len(questions), qmax), tok.pad, np.int32)
-    q_len = np.zeros(len(questions), np.int32)
     bos = [tok.bos] if (self.closed_book and tok.bos is not None) else []
-    for i, row in enumerate(tok.ids([prefix + x.question for x in questions])):
-      row = (bos + row)[:qmax - 1] + [tok.eos]
-      q_ids[i, :len(row)] = row
-      q_len[i] = len(row)
+    q_ids, q_len = pad_rows([(bos + row)[:qmax - 1] + [tok.eos]
+                             for row in tok.ids([prefix + x.question for x in questions])],
+                            qmax, tok.pad)
     cfg = self.model.generator_cfg
     start = [cfg.decoder_start_token_id]
     if tok.bos is not None and tok.bos != cfg.decoder_start_token_id:
       start.append(tok.bos)  # BART: </s> <s> answer </s> (HF RAG fine-tuning labels)
-    labels = np.full((len(questions), t), tok.pad, np.int32)
     answers = [x.answers[0] if x.answers else "" for x in questions]
-    for i, row in enumerate(tok.ids(answers)):
-      row = (start + row)[:t - 1] + [tok.eos]
-      labels[i, :len(row)] = row
+    labels, _ = pad_rows([(start + row)[:t - 1] + [tok.eos] for row in tok.ids(answers)], t,
+                         tok.pad)
     return {"query_input_ids": q_tok.input_ids, "query_attention_mask": q_tok.attention_mask,
             "question_ids": q_ids, "question_lengths": q_len, "labels": labels}
 

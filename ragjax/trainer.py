@@ -98,13 +98,12 @@ class Run:
       return np.zeros((0, system.retriever.dim), np.float32)
     retriever = system.retriever
     bs = int(self.cfg.retriever.embed_batch_size)
-    if "passage_encoder" not in frozen_towers(self.cfg.optim):
+    frozen = "passage_encoder" in frozen_towers(self.cfg.optim)
+    if not frozen:
       retriever.params = {**retriever.params,
                           "passage_encoder": _gather_tree(params["bi_encoder"]["passage_encoder"])}
       retriever._encode = {}
-      return retriever.encode_passages([p.title for p in system.passages],
-                                       [p.text for p in system.passages], batch_size=bs)
-    if jax.process_count() > 1:
+    if not frozen or jax.process_count() > 1:  # not cached: changing, or several writers
       return retriever.encode_passages([p.title for p in system.passages],
                                        [p.text for p in system.passages], batch_size=bs)
     out = self.workdir / "index" / f"embeddings-{corpus_key(system)}"
@@ -274,6 +273,7 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, spec: str | None = None,
   bar = tqdm(total=total, initial=start, desc="train", unit="step",
              disable=not (run.is_main and tcfg.progress_bar))
   pending, t_last, n_last, stopped, last_eval = [], None, start, "done", None
+  checked = -1  # the last step whose non-finite flag was read
   log.info("set-up took %.1f s", time.perf_counter() - t_setup)
 
   def check_finite():
@@ -310,10 +310,12 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, spec: str | None = None,
           writer.write(record)
           bar.set_postfix(loss=f"{record['loss']:.4f}")
         check_finite()
+        checked = done
       stop = done < total and (jax.process_count() == 1 or done % log_every == 0) \
           and preempt.requested()
       if done % ckpt_every == 0 or done == total or stop:
-        check_finite()
+        if checked != done:
+          check_finite()
         meta = {"examples_seen": done * g, "data_seed": int(cfg.data.seed)}
         run.ckpt.save(done, state, meta={**meta, "preempted": True} if stop else meta,
                       force=True)
