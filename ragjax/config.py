@@ -140,11 +140,23 @@ def base_config() -> ml_collections.ConfigDict:
       k=5, loss="rag_token",      # rag_token | rag_sequence | top1 | closed_book
       label_smoothing=0.0, query_max_length=32, context_max_length=128, answer_max_length=16,
       compute_dtype="float32",    # "bfloat16": bf16 matmuls, float32 parameters
-      doc_score_scale=1.0)        # p(z|x) = softmax(scale * q·d): 1 for DPR, ~20 for cosine
+      doc_score_scale=1.0,        # p(z|x) = softmax(scale * q·d): 1 for DPR, ~20 for cosine
+      reencode_passages=False,    # joint training: the step re-encodes the K passages (REALM)
+      rerank_candidates=0)        # >K: retrieve this many, keep the top K by the live passage
+                                  # encoder (Atlas's over-retrieve-then-rerank); 0: off
   c.index = dict(
       kind="auto",                # auto | device (exact top-k on the mesh) | scann | exact_host
       device_max_bytes=2 * 2**30, chunk=65536,
-      scann=dict())               # ScannIndex.build parameters (defaults by corpus size)
+      scann=dict(),               # ScannIndex.build parameters (defaults by corpus size)
+      refresh=dict(               # joint training (`ragjax.refresh`, `ragjax.indexer`)
+          mode="off",             # off | async (indexer process) | sync (in-process baseline)
+          schedule="asap",        # "asap" | Atlas-style "0-1000:500,1000-10000:1000"
+          max_staleness_steps=0,  # 0: unbounded; else wait for the indexer past it
+          spawn_indexer=True,     # async: `ragjax train` starts the indexer worker(s)
+          num_shards=1, poll_seconds=1.0, keep_versions=3, shard_size=1024,
+          idle_timeout=1800.0,    # a spawned indexer exits after this long without work
+          indexer_nice=0,         # os.nice() of spawned indexers (trainer keeps priority)
+          indexer_env=dict()))    # extra environment of spawned indexers (e.g. XLA_FLAGS)
   c.optim = dict(
       learning_rate=1e-4, warmup_steps=100, schedule="linear", end_lr_fraction=0.0,
       weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, clip_grad_norm=1.0,

@@ -69,7 +69,8 @@ def evaluate(feeder: Feeder, params, questions: Sequence[Question], ecfg, step: 
   Questions are decoded in global batches of `ecfg.batch_size` (the last one padded by
   repetition, padding not scored). Returns a JSON-able dict with `step`, `num_questions`,
   `exact_match`, `f1` (fractions in [0, 1]), `answer_recall` `{"@k": r}` for k in
-  `ecfg.recall_ks` up to K, `decoding`, `seconds`, and the first `num_examples` predictions.
+  `ecfg.recall_ks` (k beyond K: the same search run k deep, `Feeder.top_rows`), `decoding`,
+  `seconds`, and the first `num_examples` predictions (with the K passages the generator read).
 
   Raises: ValueError on an empty question list or an unknown decoding.
   """
@@ -79,6 +80,7 @@ def evaluate(feeder: Feeder, params, questions: Sequence[Question], ecfg, step: 
   size = int(ecfg.batch_size)
   t0 = time.perf_counter()
   preds, rows_all = [], []
+  depth = max([system.k, *ecfg.recall_ks]) if not system.closed_book else 0
   for start in range(0, len(questions), size):
     chunk = list(questions[start:start + size])
     chunk += [chunk[-1]] * (size - len(chunk))
@@ -86,7 +88,9 @@ def evaluate(feeder: Feeder, params, questions: Sequence[Question], ecfg, step: 
     seqs, _ = decode_batch(feeder, params, batch, ecfg)
     n = min(size, len(questions) - start)
     preds += [system.gen_tok.decode(s) for s in seqs[:n]]
-    rows_all.append(gather(batch["doc_ids"])[:n])
+    rows = gather(batch["doc_ids"]) if depth <= system.k else feeder.top_rows(params, batch,
+                                                                              depth)
+    rows_all.append(rows[:n])
   rows = np.concatenate(rows_all)
   em, f1s = [], []
   for q, pred in zip(questions, preds):
@@ -108,7 +112,7 @@ def evaluate(feeder: Feeder, params, questions: Sequence[Question], ecfg, step: 
     out["answer_recall"] = metrics.recall_at_k(hits, ks)
   out["seconds"] = round(time.perf_counter() - t0, 2)
   out["examples"] = [{"question": q.question, "answers": list(q.answers), "prediction": p,
-                      "passages": ([system.passages[r].id for r in row]
+                      "passages": ([system.passages[r].id for r in row[:system.k]]
                                    if not system.closed_book else [])}
                      for q, p, row in list(zip(questions, preds, rows))[:num_examples]]
   return out

@@ -13,13 +13,18 @@ Two ways, chosen by `cfg.index.kind` ("auto" picks by size):
 Either way the train step sees the same static-shape batch: `query_input_ids` /
 `query_attention_mask` `[B, Lq]`, `passage_embeddings` `[B, K, D]`, `context_input_ids` /
 `context_attention_mask` `[B, K, L]`, `labels` `[B, T]` (closed_book: `doc_scores` `[B, 1]` and
-the question alone as the context). Indexes can be swapped (`set_corpus`) without recompiling.
+the question alone as the context). With `model.reencode_passages` (joint training, REALM
+§3.4) the batch also carries the retrieved passages' retriever tokens `passage_input_ids` /
+`passage_attention_mask` `[B, K, Lp]` (`Lp = retriever.passage_max_length`), which the step
+re-encodes with the live passage encoder. Indexes can be swapped (`set_corpus`) without
+recompiling.
 """
 from __future__ import annotations
 
 import logging
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax.linen import partitioning as nn_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
@@ -63,6 +68,28 @@ class Feeder:
     self._retrieve = self._encode = None
     self.corpus = None
     self._tables = self._scores = None
+    self._deep = {}
+    self.reencode = bool(system.cfg.model.get("reencode_passages", False)) \
+        and not system.closed_book
+    self.candidates = int(system.cfg.model.get("rerank_candidates", 0) or 0)
+    if self.candidates and not self.k < self.candidates <= len(system.passages):
+      raise ValueError(f"model.rerank_candidates={self.candidates}: expected K={self.k} < it <= "
+                       f"{len(system.passages)} passages (0: no re-ranking)")
+    self._ptables = None
+    self._rerank = None
+
+  def passage_token_table(self) -> tuple[np.ndarray, np.ndarray]:
+    """Retriever tokens of every passage, `[CLS] title [SEP] text [SEP]`: ids and mask
+    `[N, Lp]` int32 (built once)."""
+    if self._ptables is None:
+      lp = int(self.system.cfg.retriever.passage_max_length)
+      ps = self.system.passages
+      tok = self.system.retriever.tokenizer.encode_passages([p.title for p in ps],
+                                                            [p.text for p in ps],
+                                                            max_length=lp, length=lp)
+      self._ptables = (np.asarray(tok.input_ids, np.int32),
+                       np.asarray(tok.attention_mask, np.int32))
+    return self._ptables
 
   # ------------------------------------------------------------------------------ shardings
 
@@ -77,9 +104,10 @@ class Feeder:
 
   # --------------------------------------------------------------------------------- corpus
 
-  def set_corpus(self, embeddings_nd: np.ndarray) -> None:
+  def set_corpus(self, embeddings_nd: np.ndarray, index=None) -> None:
     """Install the passage embeddings `[N, D]` float32 (a new index version of the same corpus:
-    no recompile while N and D stay)."""
+    no recompile while N and D stay). On the host kinds `index` is a prebuilt index of them (a
+    published version's ScaNN index); else one is built."""
     emb = np.asarray(embeddings_nd, np.float32)
     if self.system.closed_book:
       return
@@ -87,8 +115,12 @@ class Feeder:
       self.corpus = jax.device_put(emb, self._corpus_sharding(len(emb)))
       if self._tables is None:
         rep = NamedSharding(self.mesh, PartitionSpec())
-        self._tables = (jax.device_put(self.system.tables.ids, rep),
-                        jax.device_put(self.system.tables.lengths, rep))
+        tables = (self.system.tables.ids, self.system.tables.lengths)
+        if self.reencode or self.candidates:
+          tables += self.passage_token_table()
+        self._tables = tuple(jax.device_put(t, rep) for t in tables)
+    elif index is not None:
+      self.index, self.corpus = index, emb
     else:
       from ragjax.retrieval.index import ExactIndex
       from ragjax.retrieval.scann_index import ScannIndex
@@ -104,17 +136,34 @@ class Feeder:
     if self._retrieve is None:
       model, k, pad, chunk = self.model, self.k, self.pad_id, int(self.system.cfg.index.chunk)
 
+      depth, reencode, rerank = self.candidates or k, self.reencode, self._rerank_rows
+
       def retrieve(params, q_ids, q_mask, question_ids, question_lengths, corpus_nd, t_ids,
-                   t_len):
+                   t_len, *p_tables):
         q_bd = model.apply({"params": params}, q_ids, q_mask, method=RagModel.encode_query)
-        top = device_top_k(q_bd, corpus_nd, k, chunk=min(chunk, corpus_nd.shape[0]))
-        ids, mask = assemble_contexts(t_ids, t_len, question_ids, question_lengths, top.doc_ids,
-                                      pad)
-        return top.embeddings, ids, mask, top.doc_ids
+        top = device_top_k(q_bd, corpus_nd, depth, chunk=min(chunk, corpus_nd.shape[0]))
+        rows, emb = top.doc_ids, top.embeddings
+        if depth > k:
+          rows, emb = rerank(params, q_bd, rows, *(t[rows] for t in p_tables))
+        ids, mask = assemble_contexts(t_ids, t_len, question_ids, question_lengths, rows, pad)
+        passages = tuple(t[rows] for t in p_tables) if reencode else ()  # [B, K, Lp] each
+        return (emb, ids, mask, rows) + passages
 
       b2, b3 = self.batch_sharding(2), self.batch_sharding(3)
-      self._retrieve = jax.jit(retrieve, out_shardings=(b3, b3, b3, b2))
+      extra = (b3, b3) if self.reencode else ()
+      self._retrieve = jax.jit(retrieve, out_shardings=(b3, b3, b3, b2) + extra)
     return self._retrieve
+
+  def _rerank_rows(self, params, q_bd, rows_bc, p_ids_bcl, p_mask_bcl):
+    """Atlas's over-retrieve-then-rerank (Izacard et al. 2022, §2.4): C candidates from the
+    (possibly stale) index are re-embedded with the live passage encoder and the top K by
+    `q·d` kept: `(rows [B, K] int32, live embeddings [B, K, D] float32)`. No gradient."""
+    live = jax.lax.stop_gradient(self.model.apply({"params": params}, p_ids_bcl, p_mask_bcl,
+                                                  method=RagModel.encode_passages))
+    scores = jnp.einsum("bd,bcd->bc", q_bd.astype(jnp.float32), live.astype(jnp.float32))
+    _, j = jax.lax.top_k(scores, self.k)
+    return (jnp.take_along_axis(rows_bc, j, axis=1),
+            jnp.take_along_axis(live, j[..., None], axis=1).astype(jnp.float32))
 
   def _encode_fn(self):
     if self._encode is None:
@@ -133,6 +182,25 @@ class Feeder:
           {"params": p}, q, m, e, method=RagModel.retrieve_scores))
     return self._scores(params, batch["query_input_ids"], batch["query_attention_mask"],
                         batch["passage_embeddings"])
+
+  def top_rows(self, params, batch, depth: int) -> np.ndarray:
+    """Corpus rows `[B, depth]` int64 (best first, on every process) of a step batch's
+    questions under the live query encoder: the same search as the batch, `depth` deep (answer
+    recall@k for k beyond K)."""
+    depth = min(int(depth), len(self.system.passages))
+    with jax.set_mesh(self.mesh), nn_partitioning.axis_rules(self.rules):
+      if self.kind == "device":
+        if depth not in self._deep:
+          model, chunk = self.model, int(self.system.cfg.index.chunk)
+          self._deep[depth] = jax.jit(lambda p, q, m, c: device_top_k(
+              model.apply({"params": p}, q, m, method=RagModel.encode_query), c, depth,
+              chunk=min(chunk, c.shape[0])).doc_ids,
+              out_shardings=NamedSharding(self.mesh, PartitionSpec()))
+        rows = self._deep[depth](params, batch["query_input_ids"],
+                                 batch["query_attention_mask"], self.corpus)
+        return np.asarray(jax.device_get(rows)).astype(np.int64)
+      q_bd = self._encode_fn()(params, batch["query_input_ids"], batch["query_attention_mask"])
+    return self.index.search_rows(np.asarray(jax.device_get(q_bd)), depth)[1]
 
   # --------------------------------------------------------------------------------- batches
 
@@ -175,19 +243,35 @@ class Feeder:
       raise RuntimeError("Feeder.batch: no corpus embeddings; call set_corpus first")
     with jax.set_mesh(self.mesh), nn_partitioning.axis_rules(self.rules):
       if self.kind == "device":
-        emb, ids, mask, rows = self._retrieve_fn()(
+        emb, ids, mask, rows, *passages = self._retrieve_fn()(
             params, out["query_input_ids"], out["query_attention_mask"],
             put(host["question_ids"]), put(host["question_lengths"]), self.corpus,
             *self._tables)
         out.update(passage_embeddings=emb, context_input_ids=ids, context_attention_mask=mask,
                    doc_ids=rows)
+        if passages:
+          out.update(passage_input_ids=passages[0], passage_attention_mask=passages[1])
         return out
       q_bd = self._encode_fn()(params, out["query_input_ids"], out["query_attention_mask"])
-    q_local = np.asarray(jax.device_get(q_bd))[self.local_rows(q_bd.shape[0])]  # replicated
-    _, rows = self.index.search_rows(q_local, self.k)
+    local = self.local_rows(q_bd.shape[0])
+    q_local = np.asarray(jax.device_get(q_bd))[local]  # replicated
+    _, rows = self.index.search_rows(q_local, self.candidates or self.k)
+    live = None
+    if self.candidates:
+      if self._rerank is None:
+        self._rerank = jax.jit(self._rerank_rows)
+      p_ids, p_mask = self.passage_token_table()
+      with jax.set_mesh(self.mesh), nn_partitioning.axis_rules(self.rules):
+        rows, live = jax.device_get(self._rerank(params, np.asarray(jax.device_get(q_bd))[local],
+                                                 rows, p_ids[rows], p_mask[rows]))
+      rows = np.asarray(rows)
     t = self.system.tables
     ids, mask = assemble_contexts(t.ids, t.lengths, host["question_ids"],
                                   host["question_lengths"], rows, self.pad_id, xp=np)
-    out.update(passage_embeddings=put(self.corpus[rows]), context_input_ids=put(ids),
+    out.update(passage_embeddings=put(self.corpus[rows] if live is None else np.asarray(live)),
+               context_input_ids=put(ids),
                context_attention_mask=put(mask), doc_ids=put(rows.astype(np.int32)))
+    if self.reencode:
+      p_ids, p_mask = self.passage_token_table()
+      out.update(passage_input_ids=put(p_ids[rows]), passage_attention_mask=put(p_mask[rows]))
     return out

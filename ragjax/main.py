@@ -220,6 +220,17 @@ def cmd_train(args):
                         if k in ev} if ev else {})}))
 
 
+def cmd_indexer(args):
+  """Serve index versions for a joint-training workdir (`ragjax.indexer`)."""
+  if args.nice:
+    os.nice(args.nice)
+  from ragjax.indexer import Indexer
+  _setup_logging()
+  n = Indexer(args.workdir, args.shard, args.num_shards, poll_seconds=args.poll_seconds,
+              idle_timeout=args.idle_timeout).run()
+  print(json.dumps({"shard": args.shard, "published": n}))
+
+
 def _restored_run(args):
   from ragjax import config as config_lib
   from ragjax.trainer import Run, load_workdir_config
@@ -384,6 +395,16 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True)
   p.add_argument("--json", action="store_true")
   distributed_args(p)
+
+  p = add("indexer", cmd_indexer, "re-embed the corpus from a training run's newest "
+          "checkpoints and publish index versions (joint training; stops at the end marker)")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--shard", type=int, default=0, help="this worker's share of the corpus")
+  p.add_argument("--num-shards", type=int, default=1, help="workers in all (worker 0 publishes)")
+  p.add_argument("--poll-seconds", type=float, default=1.0)
+  p.add_argument("--idle-timeout", type=float, default=0.0,
+                 help="exit after this many seconds without work (0: wait for the end marker)")
+  p.add_argument("--nice", type=int, default=0, help="lower this process's priority by N")
 
   p = add("aot", cmd_aot, "ahead-of-time compile a config's train step for a TPU topology "
           "(libtpu compile-only devices) and report its memory per device")

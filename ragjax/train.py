@@ -292,6 +292,10 @@ def batch_shapes(cfg, model: RagModel, mesh, rules) -> dict:
     spec["doc_scores"] = ((g, 1), jnp.float32)
   else:
     spec["passage_embeddings"] = ((g, k, model.query_cfg.output_dim), jnp.float32)
+    if m.get("reencode_passages", False):  # REALM: the live passage encoder scores them
+      lp = int(cfg.retriever.passage_max_length)
+      spec["passage_input_ids"] = ((g, k, lp), jnp.int32)
+      spec["passage_attention_mask"] = ((g, k, lp), jnp.int32)
   return {name: jax.ShapeDtypeStruct(shape, dtype,
                                      sharding=sh.batch_sharding(mesh, rules, len(shape)))
           for name, (shape, dtype) in spec.items()}

@@ -35,6 +35,7 @@ from ragjax import sharding as sh
 from ragjax.checkpoint import Checkpointer
 from ragjax.config import ConfigError
 from ragjax.data import pipeline
+from ragjax.refresh import IndexRefresh, check_refresh_config
 from ragjax.retrieval.index import write_json_atomic
 from ragjax.system import build_system, corpus_key
 from ragjax.train import (NonFiniteLossError, abstract_state, build_mesh, check_batch,
@@ -152,11 +153,7 @@ def check_run_config(cfg, mesh, rules) -> None:
                       f"{evaluation.DECODINGS}")
   if cfg.index.kind not in feed.INDEX_KINDS:
     raise ConfigError(f"index.kind {cfg.index.kind!r}: expected one of {feed.INDEX_KINDS}")
-  if "passage_encoder" not in frozen_towers(cfg.optim) and cfg.model.loss != "closed_book":
-    raise ConfigError("optim.freeze must include passage_encoder: the step scores retrieved "
-                      "passages by their index embeddings, so a trainable passage encoder would "
-                      "get no gradient (only weight decay) until the asynchronous indexer "
-                      "(joint training) refreshes the index")
+  check_refresh_config(cfg)
 
 
 class MetricsWriter:
@@ -226,11 +223,20 @@ def save_config(cfg, workdir: pathlib.Path, spec: str | None, overrides) -> None
 
 
 def load_workdir_config(workdir) -> ml_collections.ConfigDict:
-  """The config a run in `workdir` was trained with. Raises: ConfigError when absent."""
+  """The config a run in `workdir` was trained with, over `base_config()` (keys added since the
+  run was written take their defaults). Raises: ConfigError when absent."""
+  from ragjax.config import base_config
   path = pathlib.Path(workdir) / "config.json"
   if not path.is_file():
     raise ConfigError(f"{path}: not found (is {workdir} a `ragjax train` workdir?)")
-  return ml_collections.ConfigDict(json.loads(path.read_text())["config"])
+  saved = json.loads(path.read_text())["config"]
+
+  def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+      out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+  return ml_collections.ConfigDict(merge(base_config().to_dict(), saved))
 
 
 def train(cfg: ml_collections.ConfigDict, workdir, *, spec: str | None = None,
@@ -259,7 +265,8 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, spec: str | None = None,
     raise ConfigError(f"train.total_steps={cfg.train.total_steps} is below the step of the newest "
                       f"checkpoint ({start}) in {run.ckpt.directory}")
   log.info("largest parameters:\n%s", sh.sharding_summary(state.params, top=8))
-  run.feeder.set_corpus(run.corpus_embeddings(state.params))
+  refresh = IndexRefresh(run)
+  refresh.start(state.params, start)
   tcfg = cfg.train
   total, g = int(tcfg.total_steps), int(tcfg.global_batch)
   step_fn = jit_train_step(run.model, cfg, run.tx, run.schedule, run.shapes, run.mesh,
@@ -276,6 +283,17 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, spec: str | None = None,
   checked = -1  # the last step whose non-finite flag was read
   log.info("set-up took %.1f s", time.perf_counter() - t_setup)
 
+  def save(done, state, preempted=False):
+    meta = {"examples_seen": done * g, "data_seed": int(cfg.data.seed),
+            **({"index_version": refresh.version} if refresh.active else {}),
+            **({"preempted": True} if preempted else {})}
+    run.ckpt.save(done, state, meta=meta, force=True)
+    refresh.exported(done)
+
+  def export_now(step, state):
+    check_finite()
+    save(step, state)
+
   def check_finite():
     bad = int(jax.device_get(state.nonfinite_step))
     if bad >= 0:
@@ -286,6 +304,7 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, spec: str | None = None,
 
   try:
     for step in range(start, total):
+      refresh.before_step(step, state, export_now)
       idx = pipeline.batch_indices(step, g, len(train_q), int(cfg.data.seed))[
           run.feeder.local_rows(g)]
       batch = run.feeder.batch(state.params, [train_q[i] for i in idx])
@@ -300,7 +319,7 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, spec: str | None = None,
         if pending:
           host = jax.device_get(pending)
           now = time.perf_counter()
-          record = {"step": done}
+          record = {"step": done, **refresh.record(step)}
           for key in host[0]:
             record[key] = float(np.mean([m[key] for m in host]))
           if done > n_last:  # the first step's compilation is not counted
@@ -313,12 +332,10 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, spec: str | None = None,
         checked = done
       stop = done < total and (jax.process_count() == 1 or done % log_every == 0) \
           and preempt.requested()
-      if done % ckpt_every == 0 or done == total or stop:
+      if done % ckpt_every == 0 or done == total or stop or refresh.wants_export(done):
         if checked != done:
           check_finite()
-        meta = {"examples_seen": done * g, "data_seed": int(cfg.data.seed)}
-        run.ckpt.save(done, state, meta={**meta, "preempted": True} if stop else meta,
-                      force=True)
+        save(done, state, preempted=stop)
       bar.update(1)
       if stop:
         run.ckpt.wait()
@@ -336,5 +353,9 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, spec: str | None = None,
     writer.close()
     preempt.restore()
     run.ckpt.close()
+    refresh.finish()
   final = int(jax.device_get(state.step))
-  return {"final_step": final, "stopped": stopped, "last_eval": last_eval}
+  if refresh.active and run.is_main:
+    write_json_atomic(workdir / "index_refresh.json", refresh.summary())
+  return {"final_step": final, "stopped": stopped, "last_eval": last_eval,
+          "index_refresh": refresh.summary() if refresh.active else None}

@@ -45,3 +45,15 @@ def test_paper_scale_config_aot_compiles_for_a_tpu_slice_at_small_size(capsys, t
   assert report["fits"] and 0 < report["required_bytes"] < report["hbm_bytes"] == 16 * 2**30
   assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
   assert report["collectives"].get("all-gather", 0) > 0  # fsdp gathers the sharded weights
+
+
+def test_squad_open_joint_smoke_trains_both_encoders_with_index_versions(tmp_path, shared_data,
+                                                                         capsys):
+  squad = shared_data / "squad_v1.1" / "dev-v1.1.json.gz"
+  rc = main(["train", "--config", f"experiments/squad_open_joint.py:smoke,squad={squad}",
+             "--workdir", str(tmp_path), *ONE_DEVICE])
+  assert rc == 0, capsys.readouterr().err
+  records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["index_staleness_steps"] for r in records] == [0, 1]  # version 0, no indexer
+  assert (tmp_path / "index" / "0" / "manifest.json").is_file()
+  assert json.loads((tmp_path / "config.json").read_text())["config"]["optim"]["freeze"] == []

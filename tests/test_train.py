@@ -214,6 +214,23 @@ def test_device_top_k_and_host_exact_index_feed_the_same_batch(h1):
                              np.asarray(b["passage_embeddings"]), rtol=1e-6)
 
 
+def test_deep_rows_for_recall_beyond_k_equal_brute_force_search(h1):
+  """`Feeder.top_rows` (answer recall@k for k > K) against numpy inner products, both kinds."""
+  dev = h1.reset()
+  emb = dev.run.corpus_embeddings(dev.state.params)
+  host_feeder = feed.Feeder(dev.run.system, dev.run.mesh, dev.run.rules, "exact_host")
+  host_feeder.set_corpus(emb)
+  batch = dev.batch(8)
+  q = np.asarray(dev.run.feeder._encode_fn()(dev.state.params, batch["query_input_ids"],
+                                             batch["query_attention_mask"]))
+  want = np.argsort(-(q @ emb.T), axis=1, kind="stable")[:, :5]
+  for feeder in (dev.run.feeder, host_feeder):
+    rows = feeder.top_rows(dev.state.params, batch, 5)
+    assert rows.shape == (8, 5)
+    np.testing.assert_array_equal(rows[:, :2], np.asarray(batch["doc_ids"]))
+    np.testing.assert_array_equal(rows, want)
+
+
 def test_training_loop_stops_on_nonfinite_loss_naming_step_and_checkpoint(tmp_path, monkeypatch,
                                                                           capsys):
   real = feed.Feeder.batch

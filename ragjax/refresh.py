@@ -1,0 +1,248 @@
+"""The trainer's side of joint retriever training: which index version feeds the step, and when
+it is refreshed (`cfg.index.refresh`).
+
+Modes (`index.refresh.mode`):
+
+* `off`: the index is embedded once (passage encoder frozen; RAG §2.4).
+* `async`: an indexer (`ragjax.indexer`, another process) re-embeds the corpus from exported
+  checkpoints and publishes versions; at a step boundary the trainer notices a newer version
+  and installs it (`Feeder.set_corpus`: same shapes, no recompile). `schedule` says which steps
+  export a checkpoint (Atlas's `"0-1000:500,1000-10000:1000"`, or `asap`: whenever the indexer
+  has caught up). Past `max_staleness_steps` the trainer exports if it must and waits for a
+  newer version, saying so in the log. `spawn_indexer` starts worker 0 as a subprocess.
+* `sync`: at the schedule's steps the trainer re-embeds the corpus itself, training paused (the
+  baseline the asynchronous mode is measured against).
+
+Staleness of the step at `step` = step - the checkpoint step its index was embedded from
+(`index_staleness_steps` in every logged record, with `index_version`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from ragjax import indexer as ix
+from ragjax.config import ConfigError
+from ragjax.retrieval.embed import corpus_fingerprint
+
+log = logging.getLogger("ragjax")
+MODES = ("off", "async", "sync")
+
+
+def check_refresh_config(cfg) -> None:
+  """Raises ConfigError for an unknown mode, a bad schedule, or a trainable passage encoder
+  whose gradient would never arrive (it needs `model.reencode_passages`: the step re-encodes the
+  retrieved passages with the live passage encoder, REALM §3.4)."""
+  from ragjax.train import frozen_towers
+  r = cfg.index.refresh
+  if r.mode not in MODES:
+    raise ConfigError(f"index.refresh.mode {r.mode!r}: expected one of {MODES}")
+  try:
+    schedule = ix.RefreshSchedule.parse(r.schedule)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if r.mode == "sync" and schedule.asap:
+    raise ConfigError("index.refresh.schedule='asap' needs mode='async' (sync refreshes at "
+                      "scheduled steps)")
+  if int(r.max_staleness_steps) < 0:
+    raise ConfigError("index.refresh.max_staleness_steps must be >= 0 (0: unbounded)")
+  if cfg.model.loss == "closed_book":
+    return
+  trainable = "passage_encoder" not in frozen_towers(cfg.optim)
+  if trainable and not cfg.model.reencode_passages:
+    raise ConfigError("a trainable passage encoder (optim.freeze without passage_encoder) needs "
+                      "model.reencode_passages=true: the step scores passages by their index "
+                      "embeddings otherwise, so the passage encoder would get no gradient")
+  if trainable and r.mode == "off":
+    raise ConfigError("a trainable passage encoder needs index.refresh.mode 'async' or 'sync': "
+                      "with 'off' the index would keep the initial encoder's embeddings")
+
+
+class IndexRefresh:
+  """Keeps `run.feeder` on the newest index version (module docstring)."""
+
+  def __init__(self, run):
+    self.run, self.workdir = run, run.workdir
+    self.r = run.cfg.index.refresh
+    self.mode = self.r.mode
+    self.schedule = ix.RefreshSchedule.parse(self.r.schedule)
+    self.max_staleness = int(self.r.max_staleness_steps)
+    self.version: int | None = None
+    self.proc: list[subprocess.Popen] = []
+    self.staleness: list[int] = []   # per step (bench: the distribution over a run)
+    self.switches: list[dict] = []   # {step, version, load_seconds}
+    self.waited_seconds = 0.0
+    self.sync_seconds = 0.0
+    self._corpus = None
+    self._last_export = -1
+
+  @property
+  def active(self) -> bool:
+    return self.mode != "off" and not self.run.system.closed_book
+
+  @property
+  def corpus_sha256(self) -> str:
+    if self._corpus is None:
+      self._corpus = corpus_fingerprint(self.run.system.passages)
+    return self._corpus
+
+  # ------------------------------------------------------------------------------ versions
+
+  def _agree(self, value: int) -> int:
+    """Process 0's value on every process (so all switch at the same step)."""
+    if jax.process_count() == 1:
+      return value
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+  def _install(self, version: int, step: int) -> None:
+    t0 = time.perf_counter()
+    system = self.run.system
+    emb, manifest, scann = ix.load_version(
+        self.workdir, version, expect_count=len(system.passages),
+        expect_dim=system.retriever.dim, expect_corpus=self.corpus_sha256,
+        with_scann=self.run.feeder.kind == "scann")
+    self.run.feeder.set_corpus(emb, index=scann)
+    self.version = version
+    seconds = time.perf_counter() - t0
+    self.switches.append({"step": step, "version": version, "load_seconds": round(seconds, 3)})
+    log.info("index version %d installed at step %d (staleness %d steps, %.2f s to load)",
+             version, step, step - version, seconds)
+
+  def start(self, params, step: int) -> None:
+    """Install the newest published version, or embed the corpus from `params` and publish it as
+    version `step` when there is none (a fresh run, or an indexer that never finished); start
+    the indexer subprocess when configured."""
+    if not self.active:
+      self.run.feeder.set_corpus(self.run.corpus_embeddings(params))
+      return
+    if self.run.is_main:
+      ix.clear_end_marker(self.workdir)
+    latest = self._agree(ix.latest_version(self.workdir) if self.run.is_main else -1)
+    if latest is None or latest < 0:
+      emb = self.run.corpus_embeddings(params)
+      if self.run.is_main:
+        ix.publish_version(self.workdir, step, emb, passage_ids=[p.id for p in
+                                                                 self.run.system.passages],
+                           corpus_sha256=self.corpus_sha256,
+                           encoder={**self.run.system.retriever.identity,
+                                    "checkpoint_step": step},
+                           index_kind="scann" if self.run.feeder.kind == "scann" else "exact",
+                           scann_params=self.run.cfg.index.scann,
+                           extra={"published_by": "trainer"})
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("ragjax_index_initial_version")
+      latest = step
+    self._install(latest, step)
+    self._last_export = max([latest] + ix.checkpoint_steps(self.workdir))
+    if self.mode == "async" and self.r.spawn_indexer and self.run.is_main:
+      self.spawn()
+
+  def spawn(self) -> None:
+    """Start indexer worker 0 (and the other shards when `num_shards` > 1) as subprocesses."""
+    n = int(self.r.num_shards)
+    self.proc = []
+    for shard in range(n):
+      cmd = [sys.executable, "-m", "ragjax.main", "indexer", "--workdir", str(self.workdir),
+             "--shard", str(shard), "--num-shards", str(n),
+             "--poll-seconds", str(self.r.poll_seconds),
+             "--idle-timeout", str(self.r.idle_timeout), "--nice", str(self.r.indexer_nice)]
+      log_file = open(self.workdir / f"indexer-{shard}.log", "a")
+      env = {**os.environ, **{k: str(v) for k, v in dict(self.r.indexer_env).items()}}
+      self.proc.append(subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
+                                        env=env, start_new_session=True))
+      log_file.close()
+    log.info("indexer started: %d worker(s), pid %s, log %s", n, [p.pid for p in self.proc],
+             self.workdir / "indexer-0.log")
+
+  # --------------------------------------------------------------------------------- steps
+
+  def before_step(self, step: int, state, checkpoint_fn) -> None:
+    """At the boundary before `step` (steps done so far): install a newer version (async), or
+    re-embed (sync, at scheduled steps); wait past `max_staleness_steps`."""
+    if not self.active:
+      return
+    if self.mode == "sync":
+      if self.schedule.exports(step) and step != self.version:
+        t0 = time.perf_counter()
+        self.run.feeder.set_corpus(self.run.corpus_embeddings(state.params))
+        self.version = step
+        self.sync_seconds += time.perf_counter() - t0
+        log.info("index re-embedded in-process at step %d in %.1f s", step,
+                 time.perf_counter() - t0)
+      self.staleness.append(step - self.version)
+      return
+    check = jax.process_count() == 1 or step % int(self.run.cfg.train.log_every) == 0
+    if check:
+      self._poll(step)
+    if self.max_staleness and step - self.version > self.max_staleness:
+      self._wait_for_fresh(step, state, checkpoint_fn)
+    self.staleness.append(step - self.version)
+
+  def _poll(self, step: int) -> None:
+    latest = ix.latest_version(self.workdir) if self.run.is_main else -1
+    latest = self._agree(-1 if latest is None else latest)
+    if latest > self.version:
+      self._install(latest, step)
+
+  def _wait_for_fresh(self, step: int, state, checkpoint_fn) -> None:
+    if self._last_export <= self.version:  # the indexer has nothing newer to embed
+      checkpoint_fn(step, state)
+      self._last_export = step
+    log.info("index staleness %d > max_staleness_steps %d at step %d: waiting for a version "
+             "newer than %d", step - self.version, self.max_staleness, step, self.version)
+    t0 = time.perf_counter()
+    while step - self.version > self.max_staleness:
+      time.sleep(float(self.r.poll_seconds))
+      self._poll(step)
+      if self.proc and all(p.poll() is not None for p in self.proc):
+        raise RuntimeError(f"the indexer exited (status {[p.returncode for p in self.proc]}) "
+                           f"while the trainer waits for it; see {self.workdir}/indexer-0.log")
+    self.waited_seconds += time.perf_counter() - t0
+    log.info("waited %.1f s for index version %d", time.perf_counter() - t0, self.version)
+
+  def wants_export(self, done: int) -> bool:
+    """Whether the trainer should save a checkpoint after `done` steps for the indexer."""
+    if self.mode != "async" or not self.active:
+      return False
+    if self.schedule.asap:
+      latest = ix.latest_version(self.workdir) if self.run.is_main else -1
+      want = int(latest is not None and latest >= self._last_export)
+      return bool(self._agree(want))
+    return self.schedule.exports(done)
+
+  def exported(self, done: int) -> None:
+    self._last_export = max(self._last_export, done)
+
+  def record(self, step: int) -> dict:
+    """Fields for the logged record at `step`."""
+    if not self.active:
+      return {}
+    return {"index_version": int(self.version), "index_staleness_steps": int(step - self.version)}
+
+  def finish(self, timeout: float = 60.0) -> None:
+    """Write the end marker and wait for spawned workers to exit (terminate after `timeout`)."""
+    if not self.active or self.mode != "async":
+      return
+    if self.run.is_main:
+      ix.write_end_marker(self.workdir)
+    for p in self.proc or []:
+      try:
+        p.wait(timeout)
+      except subprocess.TimeoutExpired:
+        p.terminate()
+        p.wait(10)
+
+  def summary(self) -> dict:
+    s = np.asarray(self.staleness or [0])
+    return {"mode": self.mode, "switches": self.switches, "waited_seconds":
+            round(self.waited_seconds, 3), "sync_seconds": round(self.sync_seconds, 3),
+            "staleness": {"mean": float(s.mean()), "p50": float(np.percentile(s, 50)),
+                          "p90": float(np.percentile(s, 90)), "max": int(s.max())}}
+
