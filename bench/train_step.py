@@ -108,6 +108,10 @@ def parse_args(argv=None):
   ap.add_argument("--breakdown", action="store_true",
                   help="also time forward / backward / optimizer separately on both sides")
   ap.add_argument("--no-write", action="store_true", help="do not touch bench/RESULTS.md")
+  ap.add_argument("--in-process", action="store_true",
+                  help="run every system in this process (the old method: the two frameworks' "
+                       "thread pools and allocators then share one process)")
+  ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one system
   args = ap.parse_args(argv)
   names = {f.name for f in dataclasses.fields(BenchConfig)} - {"loss"}
   args.cfg = BenchConfig(**{n: getattr(args, n) for n in names})
@@ -446,49 +450,148 @@ def torch_breakdown(cfg: BenchConfig, loss: str, adamw: str, reps: int) -> dict[
   return out
 
 
+# ------------------------------------------------------------------------------------- workers
+
+def build_system(name: str, args):
+  """`(callable, info)` of one timed system: `ours_<loss>`, `hf_<loss>`, `jax_matmul` or
+  `torch_matmul`; the callable runs one step (or one matmul) and blocks until it is done."""
+  if name in ("jax_matmul", "torch_matmul"):
+    fn = matmul_fns(args.matmul_size)[name]
+    fn()
+    return fn, {}
+  who, loss = name.split("_", 1)
+  cfg = dataclasses.replace(args.cfg, loss=loss)
+  info = {}
+  if who == "ours":
+    runner = JaxRunner(cfg)
+    xla, info["compile_s"] = _results.timed(
+        lambda: xla_cost(runner.step_fn, runner.state, runner.batch))
+    info["xla"] = xla
+  else:
+    torch.manual_seed(cfg.seed)
+    runner = TorchRunner(cfg, loss, args.torch_adamw)
+    info["attn"] = runner.model.generator.config._attn_implementation
+  _, info["first"] = _results.timed(runner)
+  info["num_params"] = runner.num_params()
+  info["loss"] = float(runner.loss)
+  for _ in range(args.warmup - 1):
+    runner()
+  if isinstance(runner, TorchRunner):
+    runner.phases.clear()
+  return runner, info
+
+
+def worker_main(args) -> None:
+  """`--worker NAME`: build one system, say `ready` (with its info) on stdout, then run it once
+  per `run` line on stdin, answering the seconds measured around the call."""
+  import json
+  import sys
+  fn, info = build_system(args.worker, args)
+  out = sys.__stdout__
+  out.write(json.dumps({"ready": True, **info}) + "\n")
+  out.flush()
+  for line in sys.stdin:
+    cmd = line.strip()
+    if cmd == "run":
+      t0 = time.perf_counter()
+      fn()
+      reply = {"seconds": time.perf_counter() - t0}
+    elif cmd == "phases":
+      reply = {"phases": getattr(fn, "phases", [])}
+    else:
+      break
+    out.write(json.dumps(reply) + "\n")
+    out.flush()
+
+
+class Worker:
+  """A system in its own process (`--worker`): its thread pool and allocator are its own, and it
+  sleeps on a pipe while the others run."""
+
+  def __init__(self, name: str, argv: list[str]):
+    import json
+    import subprocess
+    import sys
+    self.name, self._json = name, json
+    self.proc = subprocess.Popen([sys.executable, __file__, *argv, "--worker", name],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self.info = self._read()
+
+  def _read(self) -> dict:
+    while True:
+      line = self.proc.stdout.readline()
+      if not line:
+        raise RuntimeError(f"worker {self.name} exited ({self.proc.wait()})")
+      if line.startswith("{"):
+        return self._json.loads(line)
+
+  def ask(self, cmd: str) -> dict:
+    self.proc.stdin.write(cmd + "\n")
+    self.proc.stdin.flush()
+    return self._read()
+
+  def close(self):
+    self.proc.stdin.write("exit\n")
+    self.proc.stdin.close()
+    self.proc.wait(60)
+
+
 # ---------------------------------------------------------------------------------------- main
 
 def main(argv=None):
+  import sys
   args = parse_args(argv)
+  if args.worker:
+    return worker_main(args)
   base = args.cfg
-  torch.manual_seed(base.seed)
-  log(f"{base.describe()}; torch threads {torch.get_num_threads()}, jax {jax.devices()}")
   flops = model_flops(base)
+  log(f"{base.describe()}; torch threads {torch.get_num_threads()}, jax {jax.devices()}; "
+      f"{'one process' if args.in_process else 'one worker process per system'}")
   log("analytic model FLOPs per train step: " + ", ".join(
       f"{name} {x / 1e9:.2f} G" for name, x in flops.items()))
+  order = [f"{who}_{loss}" for loss in args.losses for who in ("ours", "hf")] + [
+      "jax_matmul", "torch_matmul"]
+  if args.in_process:
+    systems, info = {}, {}
+    for name in order:
+      systems[name], info[name] = build_system(name, args)
+      log(f"{name} ready: {info[name]}")
+    log(f"timing {args.reps} interleaved rounds of {order}")
+    secs = _results.time_interleaved(systems, args.reps)
+    hf_phases = {loss: systems[f"hf_{loss}"].phases for loss in args.losses}
+    method = "all systems in this one process"
+  else:
+    worker_argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--no-write"]
+    workers = {}
+    try:
+      for name in order:
+        workers[name] = Worker(name, worker_argv)
+        log(f"{name} ready: {workers[name].info}")
+      log(f"timing {args.reps} interleaved rounds of {order}")
+      secs = {name: [] for name in order}
+      for _ in range(args.reps):
+        for name in order:
+          secs[name].append(workers[name].ask("run")["seconds"])
+      hf_phases = {loss: workers[f"hf_{loss}"].ask("phases")["phases"] for loss in args.losses}
+    finally:
+      for w in workers.values():
+        w.close()
+    info = {name: w.info for name, w in workers.items()}
+    method = ("each system in its own worker process (its own thread pool and allocator; idle on "
+              "a pipe while the others run), seconds measured in the worker around the call")
+  first = {name: info[name]["first"] for name in order if "first" in info[name]}
+  xla = {loss: info[f"ours_{loss}"]["xla"] for loss in args.losses}
+  compile_s = {loss: info[f"ours_{loss}"]["compile_s"] for loss in args.losses}
+  notes = {loss: (info[f"ours_{loss}"]["num_params"], info[f"hf_{loss}"]["num_params"],
+                  info[f"hf_{loss}"]["attn"]) for loss in args.losses}
+  report(args, flops, secs, first, notes, xla, compile_s, hf_phases, order, method)
 
-  systems, first, notes, xla, compile_s = {}, {}, {}, {}, {}
-  for loss in args.losses:
-    cfg = dataclasses.replace(base, loss=loss)
-    ours = JaxRunner(cfg)
-    xla[loss], compile_s[loss] = _results.timed(
-        lambda: xla_cost(ours.step_fn, ours.state, ours.batch))
-    _, first[f"ours_{loss}"] = _results.timed(ours)
-    log(f"ours {loss}: {ours.num_params():,} trained params, XLA cost_analysis "
-        f"{xla[loss]['flops'] / 1e9:.1f} GFLOP (+ {xla[loss]['transcendentals'] / 1e6:.0f} M "
-        f"transcendentals); AOT compile {compile_s[loss]:.1f} s, first step "
-        f"{first[f'ours_{loss}']:.1f} s, loss {float(ours.loss):.3f}")
-    theirs = TorchRunner(cfg, loss, args.torch_adamw)
-    _, first[f"hf_{loss}"] = _results.timed(theirs)
-    log(f"HF {loss}: {theirs.num_params():,} trained params, first step "
-        f"{first[f'hf_{loss}']:.1f} s, loss {theirs.loss:.3f}, attention "
-        f"{theirs.model.generator.config._attn_implementation}")
-    notes[loss] = (ours.num_params(), theirs.num_params(),
-                   theirs.model.generator.config._attn_implementation)
-    for runner in (ours, theirs):
-      for _ in range(args.warmup - 1):
-        runner()
-    systems[f"ours_{loss}"], systems[f"hf_{loss}"] = ours, theirs
-  for runner in systems.values():
-    if isinstance(runner, TorchRunner):
-      runner.phases.clear()
-  mm = matmul_fns(args.matmul_size)
-  for fn in mm.values():
-    fn()
+
+def report(args, flops, secs, first, notes, xla, compile_s, hf_phases, order, method):
+  """Log, print and (unless --no-write) write the section from the timed seconds."""
+  base = args.cfg
+  mm = {"jax_matmul": None, "torch_matmul": None}
   mm_flop = 2.0 * args.matmul_size ** 3
-
-  log(f"timing {args.reps} interleaved rounds of {list(systems) + list(mm)}")
-  secs = _results.time_interleaved({**systems, **mm}, args.reps)
   med = {name: _results.median(s) for name, s in secs.items()}
   for name, s in secs.items():
     log(f"{name}: s {[round(x, 3) for x in s]}, median {med[name]:.3f}")
@@ -516,8 +619,8 @@ def main(argv=None):
         f"({flops['train'] / med[o] / mm_rate['jax_matmul']:.3f} of jax matmul), HF "
         f"{flops['train'] / med[h] / 1e9:.1f} "
         f"({flops['train'] / med[h] / mm_rate['torch_matmul']:.3f} of torch matmul)")
-  hf_phases = {loss: [_results.median(list(x)) for x in zip(*systems[f"hf_{loss}"].phases)]
-               for loss in args.losses}
+  hf_phases = {loss: [_results.median(list(x)) for x in zip(*ph)]
+               for loss, ph in hf_phases.items()}
   for loss, (fw, bw, op) in hf_phases.items():
     log(f"HF {loss} phases (median s): forward {fw:.3f}, backward {bw:.3f}, AdamW {op:.3f}")
 
@@ -578,7 +681,7 @@ def main(argv=None):
       "trained parameters": params_note,
       "timing": f"our steps compiled ahead of time; {args.warmup} untimed steps per system, then "
                 f"{args.reps} rounds, each running every system once (order "
-                f"{', '.join(list(systems) + list(mm))}); torch AdamW `{args.torch_adamw}`",
+                f"{', '.join(order)}); {method}; torch AdamW `{args.torch_adamw}`",
   }
   print("\n\n".join(body))
   if not args.no_write:

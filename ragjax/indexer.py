@@ -110,8 +110,9 @@ def publish_version(workdir, step: int, embeddings_nd: np.ndarray, *, passage_id
                     encoder: dict, index_kind: str = "exact", scann_params=None,
                     extra: dict | None = None) -> dict:
   """Write `W/index/<step>/` atomically: `embeddings.npy` `[N, D]` float32, a ScaNN index when
-  `index_kind == "scann"`, and the manifest (checkpoint step, corpus fingerprint, count,
-  dimension, encoder, build seconds, plus `extra` such as embed seconds). Returns the manifest."""
+  `index_kind == "scann"` (the run's resolved `ragjax.feed` kind), and the manifest (checkpoint
+  step, corpus fingerprint, count, dimension, encoder, build seconds, plus `extra` such as embed
+  seconds). Returns the manifest."""
   emb = np.ascontiguousarray(embeddings_nd, np.float32)
   t0 = time.perf_counter()
   with atomic_directory(index_dir(workdir) / str(int(step))) as tmp:
@@ -159,7 +160,7 @@ def load_version(workdir, step: int, *, expect_count: int, expect_dim: int,
     raise IndexFormatError(f"{path / 'embeddings.npy'}: shape {emb.shape}, manifest says "
                            f"{(expect_count, expect_dim)}")
   scann = None
-  if with_scann:
+  if with_scann and manifest.get("index_kind") == "scann":
     from ragjax.retrieval.index import load_index
     scann = load_index(path / "scann", expect_dim=expect_dim, expect_count=expect_count)
   return emb, manifest, scann
@@ -313,7 +314,9 @@ class Indexer:
     self.base_identity = dict(self.retriever.identity)
     self.keep = int(r.keep_versions)
     self.shard_size = int(r.shard_size)
-    self.index_kind = "scann" if self.cfg.index.kind == "scann" else "exact"
+    from ragjax.feed import choose_index_kind
+    self.index_kind = choose_index_kind(self.cfg.index.kind, len(self.passages),
+                                        self.retriever.dim, int(self.cfg.index.device_max_bytes))
     self.published = []  # manifests this worker published (bench, tests)
     self._lock_file = None
 

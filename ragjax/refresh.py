@@ -82,6 +82,8 @@ class IndexRefresh:
     self.sync_seconds = 0.0
     self._corpus = None
     self._last_export = -1
+    # Before its start step the passage encoder does not change: nothing to re-embed.
+    self.first_change = int(run.cfg.optim.start_steps.get("passage_encoder", 0))
 
   @property
   def active(self) -> bool:
@@ -108,7 +110,7 @@ class IndexRefresh:
         self.workdir, version, expect_count=len(system.passages),
         expect_dim=system.retriever.dim, expect_corpus=self.corpus_sha256,
         with_scann=self.run.feeder.kind == "scann")
-    self.run.feeder.set_corpus(emb, index=scann)
+    self.run.feeder.set_corpus(emb, index=scann)  # no ScaNN index in the version: built here
     self.version = version
     seconds = time.perf_counter() - t0
     self.switches.append({"step": step, "version": version, "load_seconds": round(seconds, 3)})
@@ -124,8 +126,9 @@ class IndexRefresh:
       return
     if self.run.is_main:
       ix.clear_end_marker(self.workdir)
-    latest = self._agree(ix.latest_version(self.workdir) if self.run.is_main else -1)
-    if latest is None or latest < 0:
+    latest = ix.latest_version(self.workdir) if self.run.is_main else None
+    latest = self._agree(-1 if latest is None else latest)
+    if latest < 0:
       emb = self.run.corpus_embeddings(params)
       if self.run.is_main:
         ix.publish_version(self.workdir, step, emb, passage_ids=[p.id for p in
@@ -133,7 +136,7 @@ class IndexRefresh:
                            corpus_sha256=self.corpus_sha256,
                            encoder={**self.run.system.retriever.identity,
                                     "checkpoint_step": step},
-                           index_kind="scann" if self.run.feeder.kind == "scann" else "exact",
+                           index_kind=self.run.feeder.kind,
                            scann_params=self.run.cfg.index.scann,
                            extra={"published_by": "trainer"})
       if jax.process_count() > 1:
@@ -209,9 +212,11 @@ class IndexRefresh:
 
   def wants_export(self, done: int) -> bool:
     """Whether the trainer should save a checkpoint after `done` steps for the indexer."""
-    if self.mode != "async" or not self.active:
+    if self.mode != "async" or not self.active or done <= self.first_change:
       return False
     if self.schedule.asap:
+      if jax.process_count() > 1 and done % int(self.run.cfg.train.log_every):
+        return False  # the processes agree at logged steps only (one collective)
       latest = ix.latest_version(self.workdir) if self.run.is_main else -1
       want = int(latest is not None and latest >= self._last_export)
       return bool(self._agree(want))

@@ -100,10 +100,9 @@ class Run:
     retriever = system.retriever
     bs = int(self.cfg.retriever.embed_batch_size)
     frozen = "passage_encoder" in frozen_towers(self.cfg.optim)
-    if not frozen:
+    if not frozen:  # same shapes: the jitted encoder is reused, not recompiled
       retriever.params = {**retriever.params,
                           "passage_encoder": _gather_tree(params["bi_encoder"]["passage_encoder"])}
-      retriever._encode = {}
     if not frozen or jax.process_count() > 1:  # not cached: changing, or several writers
       return retriever.encode_passages([p.title for p in system.passages],
                                        [p.text for p in system.passages], batch_size=bs)

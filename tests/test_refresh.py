@@ -230,3 +230,20 @@ def test_two_indexer_workers_split_the_corpus_and_publish_the_checkpoint_embeddi
                                    [p.text for p in run.system.passages])
   np.testing.assert_allclose(emb, want, rtol=1e-5, atol=1e-6)
   assert not list(ix.index_dir(workdir).glob(".job-*"))  # the job is cleaned up
+
+
+def test_a_scann_version_is_published_with_its_index_and_searches_like_exact(tmp_path):
+  rng = np.random.default_rng(0)
+  emb = rng.normal(size=(300, 16)).astype(np.float32)
+  ids = [f"p{i}" for i in range(300)]
+  ix.publish_version(tmp_path, 5, emb, passage_ids=ids, corpus_sha256="x", encoder={},
+                     index_kind="scann")
+  got, manifest, scann = ix.load_version(tmp_path, 5, expect_count=300, expect_dim=16,
+                                         with_scann=True)
+  assert manifest["index_kind"] == "scann" and scann is not None
+  q = rng.normal(size=(20, 16)).astype(np.float32)
+  _, rows = scann.search_rows(q, 5)
+  want = np.argsort(-(q @ emb.T), axis=1)[:, :5]
+  assert np.mean([len(set(a) & set(b)) / 5 for a, b in zip(rows, want)]) >= 0.9
+  _publish(tmp_path, 6, emb[:3])  # an exact version has no ScaNN index to load
+  assert ix.load_version(tmp_path, 6, expect_count=3, expect_dim=16, with_scann=True)[2] is None

@@ -249,15 +249,18 @@ class Attention(nn.Module):
           ck.value = jax.lax.dynamic_update_slice(ck.value, k_bshd.astype(ck.value.dtype), start)
           cv.value = jax.lax.dynamic_update_slice(cv.value, v_bshd.astype(cv.value.dtype), start)
           k_bshd, v_bshd = ck.value, cv.value
-    logits_bhqk = jnp.einsum("bqhd,bkhd->bhqk", q_bthd, k_bshd)
+    # Heads-major contractions ([B, H, T, Dh]): XLA:CPU lowers `bhqk,bkhd->bqhd` to a GEMM
+    # contracting both operands on their minor axis, ~3x slower (bench/RESULTS.md, notes).
+    q_bhqd, k_bhkd, v_bhkd = (x.transpose(0, 2, 1, 3) for x in (q_bthd, k_bshd, v_bshd))
+    logits_bhqk = jnp.einsum("bhqd,bhkd->bhqk", q_bhqd, k_bhkd)
     if cfg.arch == "bart":
       logits_bhqk = logits_bhqk * (d ** -0.5)
     logits_bhqk = logits_bhqk.astype(jnp.float32) + bias
     probs_bhqk = jax.nn.softmax(logits_bhqk, axis=-1).astype(cfg.dtype)
     probs_bhqk = nn.Dropout(cfg.attention_dropout_rate)(probs_bhqk, deterministic=deterministic)
-    ctx_bthd = jnp.einsum("bhqk,bkhd->bqhd", probs_bhqk, v_bshd)
-    return Dense("bthd,hde->bte", (h, d, e), (sh.HEADS, sh.HEAD_DIM, sh.EMBED), 1, cfg, stds["o"],
-                 cfg.use_bias, name="out")(ctx_bthd)
+    ctx_bhqd = jnp.einsum("bhqk,bhkd->bhqd", probs_bhqk, v_bhkd)
+    return Dense("bhtd,hde->bte", (h, d, e), (sh.HEADS, sh.HEAD_DIM, sh.EMBED), 1, cfg, stds["o"],
+                 cfg.use_bias, name="out")(ctx_bhqd)
 
 
 class Mlp(nn.Module):
