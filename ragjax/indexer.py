@@ -313,6 +313,8 @@ class Indexer:
     self.retriever = build_retriever(self.cfg)
     self.base_identity = dict(self.retriever.identity)
     self.keep = int(r.keep_versions)
+    # Checkpoints up to the passage encoder's start step hold its initial weights: not re-embedded.
+    self.first_change = int(self.cfg.optim.start_steps.get("passage_encoder", 0))
     self.shard_size = int(r.shard_size)
     from ragjax.feed import choose_index_kind
     self.index_kind = choose_index_kind(self.cfg.index.kind, len(self.passages),
@@ -379,7 +381,7 @@ class Indexer:
       return jobs[-1]
     if self.shard != 0:
       return None
-    newer = [s for s in checkpoint_steps(self.workdir) if s > latest]
+    newer = [s for s in checkpoint_steps(self.workdir) if s > max(latest, self.first_change)]
     for step in reversed(newer):
       try:
         tower = restore_passage_encoder(self.workdir, step)

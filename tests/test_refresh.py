@@ -247,3 +247,18 @@ def test_a_scann_version_is_published_with_its_index_and_searches_like_exact(tmp
   assert np.mean([len(set(a) & set(b)) / 5 for a, b in zip(rows, want)]) >= 0.9
   _publish(tmp_path, 6, emb[:3])  # an exact version has no ScaNN index to load
   assert ix.load_version(tmp_path, 6, expect_count=3, expect_dim=16, with_scann=True)[2] is None
+
+
+def test_indexer_skips_checkpoints_before_the_passage_encoder_starts(joint_run, tmp_path):
+  """Checkpoints up to `optim.start_steps.passage_encoder` hold the initial passage encoder
+  (version 0 already embeds it): the leader opens no job for them."""
+  import shutil
+  _, workdir, _ = joint_run
+  for start, want in ((6, None), (3, 6)):
+    w = tmp_path / f"start{start}"
+    shutil.copytree(workdir / "checkpoints", w / "checkpoints")
+    config = json.loads((workdir / "config.json").read_text())
+    config["config"]["optim"]["start_steps"]["passage_encoder"] = start
+    (w / "config.json").write_text(json.dumps(config))
+    _publish(w, 0, np.zeros((3, 2), np.float32))
+    assert ix.Indexer(w).next_job() == want
