@@ -276,7 +276,7 @@ def test_cli_config_errors(tmp_path, capsys, trained):
   rc, err = run("--config.eval.batch_size=6")
   assert rc == 2 and "eval.batch_size=6" in err, err
   rc, err = run("--config.optim.freeze=()")
-  assert rc == 2 and "optim.freeze must include passage_encoder" in err, err
+  assert rc == 2 and "needs model.reencode_passages=true" in err, err
   rc, err = run("--config.data.source=files", "--config.data.corpus=/no/such.jsonl")
   assert rc == 2 and "/no/such.jsonl" in err and "data.corpus" in err
   capsys.readouterr()
