@@ -184,7 +184,8 @@ class IndexRefresh:
     check = jax.process_count() == 1 or step % int(self.run.cfg.train.log_every) == 0
     if check:
       self._poll(step)
-    if self.max_staleness and step - self.version > self.max_staleness:
+    # The tower is unchanged up to its start step: an older version is not stale in substance.
+    if self.max_staleness and step - max(self.version, self.first_change) > self.max_staleness:
       self._wait_for_fresh(step, state, checkpoint_fn)
     self.staleness.append(step - self.version)
 
@@ -201,7 +202,7 @@ class IndexRefresh:
     log.info("index staleness %d > max_staleness_steps %d at step %d: waiting for a version "
              "newer than %d", step - self.version, self.max_staleness, step, self.version)
     t0 = time.perf_counter()
-    while step - self.version > self.max_staleness:
+    while step - max(self.version, self.first_change) > self.max_staleness:
       time.sleep(float(self.r.poll_seconds))
       self._poll(step)
       if self.proc and all(p.poll() is not None for p in self.proc):
