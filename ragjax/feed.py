@@ -253,8 +253,7 @@ class Feeder:
           out.update(passage_input_ids=passages[0], passage_attention_mask=passages[1])
         return out
       q_bd = self._encode_fn()(params, out["query_input_ids"], out["query_attention_mask"])
-    local = self.local_rows(q_bd.shape[0])
-    q_local = np.asarray(jax.device_get(q_bd))[local]  # replicated
+    q_local = np.asarray(jax.device_get(q_bd))[self.local_rows(q_bd.shape[0])]  # replicated
     _, rows = self.index.search_rows(q_local, self.candidates or self.k)
     live = None
     if self.candidates:
@@ -262,8 +261,8 @@ class Feeder:
         self._rerank = jax.jit(self._rerank_rows)
       p_ids, p_mask = self.passage_token_table()
       with jax.set_mesh(self.mesh), nn_partitioning.axis_rules(self.rules):
-        rows, live = jax.device_get(self._rerank(params, np.asarray(jax.device_get(q_bd))[local],
-                                                 rows, p_ids[rows], p_mask[rows]))
+        rows, live = jax.device_get(self._rerank(params, q_local, rows, p_ids[rows],
+                                                 p_mask[rows]))
       rows = np.asarray(rows)
     t = self.system.tables
     ids, mask = assemble_contexts(t.ids, t.lengths, host["question_ids"],

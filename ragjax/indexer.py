@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from ragjax.errors import IndexFormatError
 from ragjax.retrieval.index import atomic_directory, read_manifest, write_json_atomic
@@ -92,13 +93,17 @@ def index_dir(workdir) -> pathlib.Path:
   return pathlib.Path(workdir) / "index"
 
 
-def version_steps(workdir) -> list[int]:
-  """Steps of the published versions in `W/index/`, ascending (a name that is a step is
-  complete: versions are renamed into place)."""
-  d = index_dir(workdir)
+def _step_dirs(d: pathlib.Path) -> list[int]:
+  """The steps named by the sub-directories of `d`, ascending (both orbax and
+  `publish_version` rename a step into place when it is complete)."""
   if not d.is_dir():
     return []
   return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def version_steps(workdir) -> list[int]:
+  """Steps of the published versions in `W/index/`, ascending."""
+  return _step_dirs(index_dir(workdir))
 
 
 def latest_version(workdir) -> int | None:
@@ -167,11 +172,8 @@ def load_version(workdir, step: int, *, expect_count: int, expect_dim: int,
 
 
 def checkpoint_steps(workdir) -> list[int]:
-  """Finished checkpoint steps in `W/checkpoints/` (orbax renames a step into place when done)."""
-  d = pathlib.Path(workdir) / "checkpoints"
-  if not d.is_dir():
-    return []
-  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and p.is_dir())
+  """Finished checkpoint steps in `W/checkpoints/`, ascending."""
+  return _step_dirs(pathlib.Path(workdir) / "checkpoints")
 
 
 def referenced_versions(workdir) -> set[int]:
@@ -247,33 +249,12 @@ def restore_passage_encoder(workdir, step: int) -> dict:
   return out["params"]["bi_encoder"]["passage_encoder"]
 
 
-def _flatten(tree, prefix=""):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}/"))
-    else:
-      out[f"{prefix}{k}"] = np.asarray(v)
-  return out
-
-
-def _unflatten(flat):
-  out = {}
-  for key, v in flat.items():
-    node = out
-    *parents, last = key.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[last] = v
-  return out
-
-
 def save_tower(path, tower: dict) -> None:
   """safetensors file of a parameter pytree, written through a temporary name."""
   from safetensors.numpy import save_file
   path = pathlib.Path(path)
   tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  save_file(_flatten(tower), str(tmp))
+  save_file({k: np.asarray(v) for k, v in flatten_dict(tower, sep="/").items()}, str(tmp))
   with open(tmp, "rb") as f:
     os.fsync(f.fileno())
   os.replace(tmp, path)
@@ -281,7 +262,7 @@ def save_tower(path, tower: dict) -> None:
 
 def load_tower(path) -> dict:
   from safetensors.numpy import load_file
-  return _unflatten(load_file(str(path)))
+  return unflatten_dict(load_file(str(path)), sep="/")
 
 
 # ---------------------------------------------------------------------------------- worker

@@ -97,11 +97,14 @@ class IndexRefresh:
 
   # ------------------------------------------------------------------------------ versions
 
-  def _agree(self, value: int) -> int:
-    """Process 0's value on every process (so all switch at the same step)."""
+  def _latest(self) -> int:
+    """The newest published version as process 0 sees it, on every process (so all switch at
+    the same step); -1 when there is none."""
+    latest = ix.latest_version(self.workdir) if self.run.is_main else None
+    latest = -1 if latest is None else latest
     if jax.process_count() == 1:
-      return value
-    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+      return latest
+    return int(multihost_utils.broadcast_one_to_all(np.int32(latest)))
 
   def _install(self, version: int, step: int) -> None:
     t0 = time.perf_counter()
@@ -126,8 +129,7 @@ class IndexRefresh:
       return
     if self.run.is_main:
       ix.clear_end_marker(self.workdir)
-    latest = ix.latest_version(self.workdir) if self.run.is_main else None
-    latest = self._agree(-1 if latest is None else latest)
+    latest = self._latest()
     if latest < 0:
       emb = self.run.corpus_embeddings(params)
       if self.run.is_main:
@@ -176,9 +178,9 @@ class IndexRefresh:
         t0 = time.perf_counter()
         self.run.feeder.set_corpus(self.run.corpus_embeddings(state.params))
         self.version = step
-        self.sync_seconds += time.perf_counter() - t0
-        log.info("index re-embedded in-process at step %d in %.1f s", step,
-                 time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        self.sync_seconds += seconds
+        log.info("index re-embedded in-process at step %d in %.1f s", step, seconds)
       self.staleness.append(step - self.version)
       return
     check = jax.process_count() == 1 or step % int(self.run.cfg.train.log_every) == 0
@@ -190,8 +192,7 @@ class IndexRefresh:
     self.staleness.append(step - self.version)
 
   def _poll(self, step: int) -> None:
-    latest = ix.latest_version(self.workdir) if self.run.is_main else -1
-    latest = self._agree(-1 if latest is None else latest)
+    latest = self._latest()
     if latest > self.version:
       self._install(latest, step)
 
@@ -218,9 +219,7 @@ class IndexRefresh:
     if self.schedule.asap:
       if jax.process_count() > 1 and done % int(self.run.cfg.train.log_every):
         return False  # the processes agree at logged steps only (one collective)
-      latest = ix.latest_version(self.workdir) if self.run.is_main else -1
-      want = int(latest is not None and latest >= self._last_export)
-      return bool(self._agree(want))
+      return self._latest() >= self._last_export
     return self.schedule.exports(done)
 
   def exported(self, done: int) -> None:
@@ -238,7 +237,7 @@ class IndexRefresh:
       return
     if self.run.is_main:
       ix.write_end_marker(self.workdir)
-    for p in self.proc or []:
+    for p in self.proc:
       try:
         p.wait(timeout)
       except subprocess.TimeoutExpired:
