@@ -89,6 +89,12 @@ class RefreshSchedule:
 
 # -------------------------------------------------------------------------------- versions
 
+def passage_encoder_start(cfg) -> int:
+  """`optim.start_steps.passage_encoder`: checkpoints up to this step hold the initial passage
+  encoder, so there is nothing to re-embed before it."""
+  return int(cfg.optim.start_steps.get("passage_encoder", 0))
+
+
 def index_dir(workdir) -> pathlib.Path:
   return pathlib.Path(workdir) / "index"
 
@@ -126,7 +132,6 @@ def publish_version(workdir, step: int, embeddings_nd: np.ndarray, *, passage_id
       from ragjax.retrieval.scann_index import ScannIndex
       ScannIndex.build(emb, list(passage_ids), encoder=encoder, **dict(scann_params or {})
                        ).save(tmp / "scann")
-    (tmp / "passage_ids.json").write_text(json.dumps(list(passage_ids)))
     manifest = {"format": VERSION_FORMAT, "checkpoint_step": int(step), "count": len(emb),
                 "dim": int(emb.shape[1]), "corpus_sha256": corpus_sha256, "encoder": encoder,
                 "index_kind": index_kind, "build_seconds": round(time.perf_counter() - t0, 3),
@@ -294,8 +299,7 @@ class Indexer:
     self.retriever = build_retriever(self.cfg)
     self.base_identity = dict(self.retriever.identity)
     self.keep = int(r.keep_versions)
-    # Checkpoints up to the passage encoder's start step hold its initial weights: not re-embedded.
-    self.first_change = int(self.cfg.optim.start_steps.get("passage_encoder", 0))
+    self.first_change = passage_encoder_start(self.cfg)
     self.shard_size = int(r.shard_size)
     from ragjax.feed import choose_index_kind
     self.index_kind = choose_index_kind(self.cfg.index.kind, len(self.passages),

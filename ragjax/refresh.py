@@ -82,8 +82,7 @@ class IndexRefresh:
     self.sync_seconds = 0.0
     self._corpus = None
     self._last_export = -1
-    # Before its start step the passage encoder does not change: nothing to re-embed.
-    self.first_change = int(run.cfg.optim.start_steps.get("passage_encoder", 0))
+    self.first_change = ix.passage_encoder_start(run.cfg)
 
   @property
   def active(self) -> bool:
@@ -145,7 +144,7 @@ class IndexRefresh:
         multihost_utils.sync_global_devices("ragjax_index_initial_version")
       latest = step
     self._install(latest, step)
-    self._last_export = max([latest] + ix.checkpoint_steps(self.workdir))
+    self._last_export = max([latest] + self.run.ckpt.all_steps())
     if self.mode == "async" and self.r.spawn_indexer and self.run.is_main:
       self.spawn()
 

@@ -354,7 +354,8 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, spec: str | None = None,
     run.ckpt.close()
     refresh.finish()
   final = int(jax.device_get(state.step))
-  if refresh.active and run.is_main:
-    write_json_atomic(workdir / "index_refresh.json", refresh.summary())
+  summary = refresh.summary() if refresh.active else None
+  if summary and run.is_main:
+    write_json_atomic(workdir / "index_refresh.json", summary)
   return {"final_step": final, "stopped": stopped, "last_eval": last_eval,
-          "index_refresh": refresh.summary() if refresh.active else None}
+          "index_refresh": summary}
