@@ -32,7 +32,7 @@ HEADER = ("# ragjax benchmark results\n\n"
           "compare the ratios, which are measured within one invocation.\n")
 _LOAD_AT_IMPORT = os.getloadavg()  # the scripts import this module first thing
 THREAD_ENV = ("XLA_FLAGS", "JAX_PLATFORMS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-              "OPENBLAS_NUM_THREADS", "TOKENIZERS_PARALLELISM")
+              "OPENBLAS_NUM_THREADS", "TOKENIZERS_PARALLELISM", "RAGJAX_MALLOC", "GLIBC_TUNABLES")
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], reps: int
@@ -105,7 +105,7 @@ def versions(*dists: str) -> str:
 
 
 def thread_env() -> str:
-  """The thread-related environment variables, `unset` where absent."""
+  """The thread- and allocator-related environment variables, `unset` where absent."""
   return ", ".join(f"{k}={os.environ[k]!r}" if k in os.environ else f"{k} unset"
                    for k in THREAD_ENV)
 

@@ -20,7 +20,10 @@ Our step is compiled ahead (`lower().compile()`, which also gives XLA's FLOP cou
 is timed with a compile in it. After `--warmup` untimed steps each, the four steps and two plain
 float32 matmuls (`--matmul-size`^3, jax and torch) are timed round-robin, `--reps` rounds, and the
 medians compared (see `bench/_results.py`). `--breakdown` (minutes more) also times forward,
-backward and optimizer parts of both.
+backward and optimizer parts of both. Every system runs under the same host allocator settings:
+`--malloc tuned` (default; `ragjax.hostenv.TUNED_MALLOC`, what the `ragjax` command runs with:
+freed memory stays in the process) or `--malloc system` (glibc's defaults, under which XLA's
+3.3 GB temporary buffer is mmap'd and page-faulted in again at every step).
 
   python bench/train_step.py                   # writes its section of bench/RESULTS.md
   python bench/train_step.py --reps 2 --no-write --batch-size 2   # a quick try
@@ -111,6 +114,10 @@ def parse_args(argv=None):
   ap.add_argument("--in-process", action="store_true",
                   help="run every system in this process (the old method: the two frameworks' "
                        "thread pools and allocators then share one process)")
+  ap.add_argument("--malloc", choices=("tuned", "system"), default="tuned",
+                  help="host allocator of every system (both frameworks alike): tuned "
+                       "(`ragjax.hostenv.TUNED_MALLOC`, what the `ragjax` command runs with) or "
+                       "system (glibc's defaults)")
   ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one system
   args = ap.parse_args(argv)
   names = {f.name for f in dataclasses.fields(BenchConfig)} - {"loss"}
@@ -538,11 +545,29 @@ class Worker:
 
 # ---------------------------------------------------------------------------------------- main
 
+def use_malloc(mode: str) -> None:
+  """Re-exec this process (and so every worker it starts) with the allocator `mode` asks for:
+  `tuned` as `ragjax.hostenv` sets it, `system` without those tunables."""
+  import sys
+  from ragjax import hostenv
+  if mode == "tuned":
+    hostenv.reexec_with_tuned_malloc()
+    return
+  tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t]
+  kept = [t for t in tunables if t not in hostenv.TUNED_MALLOC]
+  if kept == tunables and os.environ.get(hostenv.ENV_SWITCH) == "system":
+    return
+  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  env.update({hostenv.ENV_SWITCH: "system", **({"GLIBC_TUNABLES": ":".join(kept)} if kept else {})})
+  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
 def main(argv=None):
   import sys
   args = parse_args(argv)
   if args.worker:
     return worker_main(args)
+  use_malloc(args.malloc)
   base = args.cfg
   flops = model_flops(base)
   log(f"{base.describe()}; torch threads {torch.get_num_threads()}, jax {jax.devices()}; "

@@ -41,7 +41,8 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from ragjax.errors import IndexFormatError
-from ragjax.retrieval.index import atomic_directory, read_manifest, write_json_atomic
+from ragjax.retrieval.index import (atomic_directory, atomic_file, read_manifest,
+                                    write_json_atomic)
 
 log = logging.getLogger("ragjax")
 VERSION_FORMAT = "ragjax.index_version/1"
@@ -136,10 +137,6 @@ def publish_version(workdir, step: int, embeddings_nd: np.ndarray, *, passage_id
                 "dim": int(emb.shape[1]), "corpus_sha256": corpus_sha256, "encoder": encoder,
                 "index_kind": index_kind, "build_seconds": round(time.perf_counter() - t0, 3),
                 "published_unix": time.time(), **(extra or {})}
-    for f in tmp.iterdir():  # the data is on disk before the manifest says it is complete
-      if f.is_file():
-        with open(f, "rb") as fh:
-          os.fsync(fh.fileno())
     write_json_atomic(tmp / "manifest.json", manifest)
   return manifest
 
@@ -257,12 +254,8 @@ def restore_passage_encoder(workdir, step: int) -> dict:
 def save_tower(path, tower: dict) -> None:
   """safetensors file of a parameter pytree, written through a temporary name."""
   from safetensors.numpy import save_file
-  path = pathlib.Path(path)
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  save_file({k: np.asarray(v) for k, v in flatten_dict(tower, sep="/").items()}, str(tmp))
-  with open(tmp, "rb") as f:
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  with atomic_file(path) as tmp:
+    save_file({k: np.asarray(v) for k, v in flatten_dict(tower, sep="/").items()}, str(tmp))
 
 
 def load_tower(path) -> dict:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
 import sys
@@ -193,6 +194,8 @@ def _setup_logging():
                       datefmt="%H:%M:%S", force=True)
   for noisy in ("absl", "orbax", "jax._src"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  from ragjax import hostenv
+  logging.info("host allocator: %s", hostenv.describe())
 
 
 def _distributed(args):
@@ -266,8 +269,8 @@ def cmd_generate(args):
   from ragjax.evaluation import decode_batch, gather
   run, state, meta = _restored_run(args)
   feeder = run.feeder
-  size = sharding.batch_shards(run.mesh, run.rules)  # the smallest batch the mesh takes
-  size *= -(-jax.process_count() // size) if size % jax.process_count() else 1
+  # The smallest global batch both the mesh's batch shards and the processes divide.
+  size = math.lcm(sharding.batch_shards(run.mesh, run.rules), jax.process_count())
   q = Question("cli", args.question, ())
   batch = feeder.batch(state.params, [q] * (size // jax.process_count()))
   seqs, scores = decode_batch(feeder, state.params, batch, run.cfg.eval)
@@ -443,5 +446,13 @@ def main(argv=None):
   return rc or 0
 
 
-if __name__ == "__main__":
+def cli():
+  """The `ragjax` console entry point: `main` in a process re-executed once with the tuned
+  allocator (`ragjax.hostenv`; `RAGJAX_MALLOC=system` opts out)."""
+  from ragjax import hostenv
+  hostenv.reexec_with_tuned_malloc()
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  cli()

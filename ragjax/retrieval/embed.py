@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
-import tempfile
 import time
 from typing import Sequence
 
@@ -25,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ragjax.errors import IndexFormatError
-from ragjax.retrieval.index import read_manifest, write_json_atomic
+from ragjax.retrieval.index import atomic_file, read_manifest, write_json_atomic
 
 FORMAT = "ragjax.embeddings/1"
 
@@ -42,12 +40,8 @@ def corpus_fingerprint(passages) -> str:
 
 
 def _save_npy_atomic(path: pathlib.Path, array: np.ndarray) -> None:
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  with os.fdopen(fd, "wb") as f:
+  with atomic_file(path) as tmp, open(tmp, "wb") as f:
     np.save(f, array)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def embed_corpus(retriever, passages: Sequence, out_dir, *, shard_size: int = 16384,

@@ -33,20 +33,42 @@ FORMAT = "ragjax.index/1"
 _REGISTRY: dict[str, type] = {}
 
 
-def write_json_atomic(path, obj) -> None:
-  """Write JSON to `path` through a temporary file and `os.replace` (never half-written)."""
+@contextlib.contextmanager
+def atomic_file(path):
+  """Yield a temporary path beside `path` to write; on success fsync it and `os.replace` it onto
+  `path` (readers see the old file or the whole new one, never half of it). If the body raises,
+  the temporary file is removed and `path` is untouched."""
   path = pathlib.Path(path)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  with os.fdopen(fd, "w") as f:
-    json.dump(obj, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  os.close(fd)
+  tmp = pathlib.Path(name)
+  try:
+    yield tmp
+    _fsync(tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+
+
+def _fsync(path) -> None:
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def write_json_atomic(path, obj) -> None:
+  """Write JSON to `path` through `atomic_file` (never half-written)."""
+  with atomic_file(path) as tmp:
+    tmp.write_text(json.dumps(obj, indent=1))
 
 
 @contextlib.contextmanager
 def atomic_directory(path):
-  """Yield a fresh temporary directory beside `path`; on success rename it to `path`.
+  """Yield a fresh temporary directory beside `path`; on success fsync every file in it and
+  rename it to `path` (the data is on disk before the directory appears under its name).
 
   An existing `path` is moved aside first and deleted after the rename. If the body raises (or
   the process dies), `path` is untouched and only a `.tmp-*` sibling is left behind.
@@ -56,6 +78,9 @@ def atomic_directory(path):
   tmp = pathlib.Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
   try:
     yield tmp
+    for f in tmp.rglob("*"):
+      if f.is_file():
+        _fsync(f)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
