@@ -547,19 +547,16 @@ class Worker:
 
 def use_malloc(mode: str) -> None:
   """Re-exec this process (and so every worker it starts) with the allocator `mode` asks for:
-  `tuned` as `ragjax.hostenv` sets it, `system` without those tunables."""
-  import sys
+  `tuned` as `ragjax.hostenv` sets it, `system` without those tunables.
+
+  Raises: SystemExit when the environment forbids `mode` (a user's own malloc settings)."""
+  import os
   from ragjax import hostenv
-  if mode == "tuned":
-    hostenv.reexec_with_tuned_malloc()
-    return
-  tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t]
-  kept = [t for t in tunables if t not in hostenv.TUNED_MALLOC]
-  if kept == tunables and os.environ.get(hostenv.ENV_SWITCH) == "system":
-    return
-  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-  env.update({hostenv.ENV_SWITCH: "system", **({"GLIBC_TUNABLES": ":".join(kept)} if kept else {})})
-  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+  os.environ[hostenv.ENV_SWITCH] = mode
+  hostenv.reexec_with_malloc_env()
+  if hostenv.tuned() != (mode == "tuned"):
+    raise SystemExit(f"--malloc {mode}: this environment keeps its own allocator settings "
+                     f"({hostenv.describe()})")
 
 
 def main(argv=None):

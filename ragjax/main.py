@@ -450,7 +450,7 @@ def cli():
   """The `ragjax` console entry point: `main` in a process re-executed once with the tuned
   allocator (`ragjax.hostenv`; `RAGJAX_MALLOC=system` opts out)."""
   from ragjax import hostenv
-  hostenv.reexec_with_tuned_malloc()
+  hostenv.reexec_with_malloc_env()
   sys.exit(main())
 
 

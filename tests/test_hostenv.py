@@ -16,37 +16,55 @@ GLIBC = platform.libc_ver()[0] == "glibc"
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc malloc tunables only exist on glibc")
-def test_tuned_env_adds_the_tunables_once_and_keeps_the_users():
-  env = hostenv.tuned_malloc_env({"PATH": "/bin", "GLIBC_TUNABLES": "glibc.rtld.nns=2"})
-  assert env["PATH"] == "/bin" and env["RAGJAX_MALLOC"] == "tuned"
+def test_malloc_env_adds_the_tunables_once_and_keeps_the_users_choices():
+  cpu = {"PATH": "/bin", "JAX_PLATFORMS": "cpu"}
+  env = hostenv.malloc_env({**cpu, "GLIBC_TUNABLES": "glibc.rtld.nns=2"})
+  assert env["PATH"] == "/bin"
   assert env["GLIBC_TUNABLES"].split(":") == ["glibc.rtld.nns=2", *hostenv.TUNED_MALLOC]
-  assert hostenv.tuned_malloc_env(env) is None  # already tuned: no second exec
-  # A malloc tunable the user set is their choice: nothing is added.
-  assert hostenv.tuned_malloc_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}) is None
-  assert hostenv.tuned_malloc_env({"RAGJAX_MALLOC": "system"}) is None
+  assert hostenv.malloc_env(env) is None  # already tuned: no second exec
+  # A malloc setting the user made, in any spelling, or a preloaded allocator: left alone.
+  assert hostenv.malloc_env({**cpu, "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"}) is None
+  assert hostenv.malloc_env({**cpu, "MALLOC_ARENA_MAX": "4"}) is None
+  assert hostenv.malloc_env({**cpu, "LD_PRELOAD": "/usr/lib/libtcmalloc.so.4"}) is None
+  # Not an XLA:CPU process: the temporaries live on the device.
+  assert hostenv.malloc_env({"JAX_PLATFORMS": "tpu,cpu"}) is None
+  # system: nothing to do, or the inherited tuned entries removed (the user's kept).
+  assert hostenv.malloc_env({**cpu, "RAGJAX_MALLOC": "system"}) is None
+  inherited = {**env, "RAGJAX_MALLOC": "system"}
+  assert hostenv.malloc_env(inherited)["GLIBC_TUNABLES"] == "glibc.rtld.nns=2"
+  assert "GLIBC_TUNABLES" not in hostenv.malloc_env(
+      {**cpu, "RAGJAX_MALLOC": "system", "GLIBC_TUNABLES": ":".join(hostenv.TUNED_MALLOC)})
   with pytest.raises(ValueError, match="RAGJAX_MALLOC='fast': expected 'tuned' or 'system'"):
-    hostenv.tuned_malloc_env({"RAGJAX_MALLOC": "fast"})
+    hostenv.malloc_env({"RAGJAX_MALLOC": "fast"})
 
 
 PROBE = r"""
-import json, os, resource, sys
+import ctypes, json, os, resource, sys
 from ragjax import hostenv
-hostenv.reexec_with_tuned_malloc()
+hostenv.reexec_with_malloc_env()
 import jax, jax.numpy as jnp
+class MallInfo2(ctypes.Structure):
+  _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                             "usmblks", "fsmblks", "uordblks", "fordblks",
+                                             "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
 x = jnp.arange(16 * 2**20, dtype=jnp.float32)        # 64 MiB
 f = jax.jit(lambda x: jnp.cumsum(jnp.sin(x)) * jnp.cumsum(jnp.cos(x)))
-faults = []
-for _ in range(4):
+faults, heap = [], []
+for _ in range(12):
   r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   jax.block_until_ready(f(x))
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
-print(json.dumps({"pid": os.getpid(), "argv": sys.orig_argv[-1], "faults": faults,
-                  "mode": os.environ.get("RAGJAX_MALLOC"), "tunables": os.environ.get("GLIBC_TUNABLES")}))
+  heap.append(libc.mallinfo2().arena)
+print(json.dumps({"pid": os.getpid(), "argv": sys.orig_argv[-1], "faults": faults, "heap": heap,
+                  "tuned": hostenv.tuned(), "tunables": os.environ.get("GLIBC_TUNABLES")}))
 """
 
 
 def _probe(**env):
-  full = {k: v for k, v in os.environ.items() if k not in ("RAGJAX_MALLOC", "GLIBC_TUNABLES")}
+  full = {k: v for k, v in os.environ.items()
+          if k not in ("RAGJAX_MALLOC", "GLIBC_TUNABLES", "LD_PRELOAD", *hostenv.MALLOC_ENV)}
   full.update(JAX_PLATFORMS="cpu", **env)
   proc = subprocess.Popen([sys.executable, "-c", PROBE, "marker-arg"], env=full,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -61,10 +79,15 @@ def test_reexec_keeps_pid_and_arguments_and_stops_the_per_call_page_faults():
   _, system = _probe(RAGJAX_MALLOC="system")
   # Same process (execve), same arguments, the tunables set in it.
   assert tuned["pid"] == pid and tuned["argv"] == "marker-arg"
-  assert tuned["mode"] == "tuned" and tuned["tunables"] == ":".join(hostenv.TUNED_MALLOC)
-  assert system["mode"] == "system" and system["tunables"] is None
+  assert tuned["tuned"] and tuned["tunables"] == ":".join(hostenv.TUNED_MALLOC)
+  assert not system["tuned"] and system["tunables"] is None
   # 64 MiB arrays: each call's temporaries are >= 64 MiB = 16,384 pages of 4 KiB. glibc's
   # default serves them with mmap and returns them with munmap: faulted in at every call.
   assert min(system["faults"][1:]) > 16_384, system
-  # Tuned: freed memory stays in the heap; warm calls fault (almost) nothing.
-  assert max(tuned["faults"][2:]) < 1_000, tuned
+  # Tuned: freed memory stays in the heap, so most warm calls fault nothing. The heap still
+  # grows now and then (an exactly-sized freed block is not reused by posix_memalign until it
+  # merges with a neighbour; observed: 1.0-1.1 GB, ~3x the first call's, after 6-12 calls) but
+  # stays bounded.
+  warm = sorted(tuned["faults"][2:])
+  assert warm[len(warm) // 2] < 1_000, tuned
+  assert max(tuned["heap"]) < 6 * tuned["heap"][0], tuned

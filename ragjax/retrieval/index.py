@@ -43,20 +43,35 @@ def atomic_file(path):
   os.close(fd)
   tmp = pathlib.Path(name)
   try:
+    os.chmod(tmp, 0o666 & ~_umask())  # as open() would create it (mkstemp makes it 0600)
     yield tmp
     _fsync(tmp)
     os.replace(tmp, path)
+    _fsync(path.parent)
   except BaseException:
     tmp.unlink(missing_ok=True)
     raise
 
 
 def _fsync(path) -> None:
+  """fsync a file, or a directory (its entries: a rename into it)."""
   fd = os.open(path, os.O_RDONLY)
   try:
     os.fsync(fd)
   finally:
     os.close(fd)
+
+
+def _umask() -> int:
+  """The process umask, read without changing it (`os.umask` sets it; racy with threads)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except OSError:
+    pass
+  return 0o022
 
 
 def write_json_atomic(path, obj) -> None:
@@ -77,10 +92,10 @@ def atomic_directory(path):
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
   try:
+    os.chmod(tmp, 0o777 & ~_umask())  # as mkdir() would create it (mkdtemp makes it 0700)
     yield tmp
-    for f in tmp.rglob("*"):
-      if f.is_file():
-        _fsync(f)
+    for f in [*tmp.rglob("*"), tmp]:  # contents, then the entries, before the name appears
+      _fsync(f)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -89,6 +104,7 @@ def atomic_directory(path):
     old = path.parent / f".{path.name}.old-{os.getpid()}-{time.monotonic_ns()}"
     os.rename(path, old)
   os.rename(tmp, path)
+  _fsync(path.parent)
   if old is not None:
     shutil.rmtree(old, ignore_errors=True)
 
