@@ -31,7 +31,7 @@ its alignment, so an exactly-sized freed block is not reused until it merges wit
 the heap grew by a temporary per call over the first calls and now and then later, to
 0.8-1.1 GB after 12 calls (0.32-0.33 GB after the first), while most warm calls faulted
 nothing. The training processes measured here did
-not grow (SQuAD-open RAG-Token: resident 4.86-4.88 GB from step 60 to 2,000).
+not grow (SQuAD-open RAG-Token: resident 4.86-4.88 GB sampled from step 60 to 1,060 of 2,000).
 """
 from __future__ import annotations
 
