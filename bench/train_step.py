@@ -550,7 +550,6 @@ def use_malloc(mode: str) -> None:
   `tuned` as `ragjax.hostenv` sets it, `system` without those tunables.
 
   Raises: SystemExit when the environment forbids `mode` (a user's own malloc settings)."""
-  import os
   from ragjax import hostenv
   os.environ[hostenv.ENV_SWITCH] = mode
   hostenv.reexec_with_malloc_env()

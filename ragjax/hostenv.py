@@ -20,8 +20,8 @@ grow past 64 MiB (`arena_max=1`), no trimming of the heap's top (`trim_threshold
 transparent huge pages for the heap where the kernel offers them (`hugetlb=1`, glibc >= 2.35;
 unknown tunables are ignored). The cost is that the process keeps its peak heap: the resident
 size does not shrink after a peak (what a training process wants). glibc reads tunables only at
-process start, so `reexec_with_malloc_env` restarts the
-process image once (same pid, same arguments) with them set; children inherit them.
+process start, so `reexec_with_malloc_env` restarts the process image once (same pid, same
+arguments) with them set; children inherit them.
 
 Only XLA:CPU processes are tuned (on TPU/GPU hosts the temporaries live in device memory, and
 one arena would serialise a many-threaded host's mallocs). Set `RAGJAX_MALLOC=system` for
@@ -30,8 +30,8 @@ arrays (tests/test_hostenv.py's probe): glibc 2.36's `posix_memalign` asks for t
 its alignment, so an exactly-sized freed block is not reused until it merges with a neighbour;
 the heap grew by a temporary per call over the first calls and now and then later, to
 0.8-1.1 GB after 12 calls (0.32-0.33 GB after the first), while most warm calls faulted
-nothing. The training processes measured here did
-not grow (SQuAD-open RAG-Token: resident 4.86-4.88 GB sampled from step 60 to 1,060 of 2,000).
+nothing. The training processes measured here did not grow (SQuAD-open RAG-Token: resident
+4.86-4.88 GB sampled from step 60 to 1,060 of 2,000).
 """
 from __future__ import annotations
 
@@ -46,6 +46,11 @@ ENV_SWITCH = "RAGJAX_MALLOC"
 MALLOC_ENV = ("MALLOC_ARENA_MAX", "MALLOC_ARENA_TEST", "MALLOC_MMAP_MAX_",
               "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 PRELOADED_ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc")
+
+
+def _tunables(environ) -> list[str]:
+  """The `name=value` entries of `GLIBC_TUNABLES`."""
+  return [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
 
 
 def _mode(environ) -> str:
@@ -83,7 +88,7 @@ def malloc_env(environ: dict[str, str]) -> dict[str, str] | None:
   mode = _mode(environ)
   if platform.libc_ver()[0] != "glibc":
     return None
-  current = [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
+  current = _tunables(environ)
   if mode == "system":
     kept = [t for t in current if t not in TUNED_MALLOC]
     if kept == current:
@@ -101,7 +106,7 @@ def malloc_env(environ: dict[str, str]) -> dict[str, str] | None:
 def tuned() -> bool:
   """Whether this process runs with `TUNED_MALLOC` (read from `GLIBC_TUNABLES`, not from the
   switch: a wrapper may have dropped the tunables)."""
-  current = os.environ.get("GLIBC_TUNABLES", "").split(":")
+  current = _tunables(os.environ)
   return all(t in current for t in TUNED_MALLOC)
 
 
@@ -119,7 +124,8 @@ def reexec_with_malloc_env() -> None:
   if env is None:
     return
   argv = [sys.executable, *sys.orig_argv[1:]]
-  if not sys.executable or argv[-len(sys.argv) + 1:] != sys.argv[1:] or (
+  args = sys.argv[1:]
+  if not sys.executable or argv[len(argv) - len(args):] != args or (
       len(sys.orig_argv) > 1 and sys.orig_argv[1] == "-"):
     return
   for stream in (sys.stdout, sys.stderr):
