@@ -40,5 +40,5 @@ setuptools.setup(
     python_requires=">=3.10",
     install_requires=RUNTIME,
     extras_require={"test": TEST, "bench": BENCH, "aot": AOT},
-    entry_points={"console_scripts": ["ragjax=ragjax.main:cli"]},
+    entry_points={"console_scripts": ["ragjax=ragjax.cli:cli"]},
 )

@@ -50,7 +50,7 @@ def run_train(workdir: pathlib.Path, mode: str, args) -> dict:
           "train.checkpoint_every": 10 * args.steps, "train.eval_every": 0,
           "train.progress_bar": "false", "train.tensorboard": "false",
           "data.max_eval_questions": 50}
-  cmd = [sys.executable, "-m", "ragjax.main", "train", "--config", "experiments/bios.py",
+  cmd = [sys.executable, "-m", "ragjax.cli", "train", "--config", "experiments/bios.py",
          "--workdir", str(workdir), *(f"--config.{k}={v}" for k, v in over.items())]
   t0 = time.perf_counter()
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)

@@ -79,7 +79,7 @@ class BenchConfig:
   dropout: float = 0.1
   lr: float = 1e-5
   weight_decay: float = 0.01
-  loss: str = "rag_token"      # "rag_token" | "rag_sequence" (ragjax.losses names)
+  loss: str = "rag_token"      # "rag_token" | "rag_sequence" (ragjax.config.LOSSES names)
   seed: int = 0
 
   def describe(self) -> str:
@@ -198,19 +198,19 @@ def trainer_config(cfg: BenchConfig):
 
 
 def ragjax_step_fn(cfg: BenchConfig):
-  """`(step_fn, state, batch)` of the real trainer: `ragjax.train.jit_train_step` (explicit
+  """`(step_fn, state, batch)` of the real trainer: `ragjax.training.step.jit_train_step` (explicit
   shardings on a one-device mesh, state donated, dropout key folded with the step),
   `make_optimizer` (AdamW per tower; the frozen passage encoder gets no update and no backward
   pass) and `init_state` (random towers materialised by a jitted init).
   `state, metrics = step_fn(state, batch)`; `step_fn.lower(state, batch)` lowers it."""
-  from ragjax import train
+  from ragjax.training import optim, state as train_state, step as train_step
   c = trainer_config(cfg)
   model = ragjax_model(cfg)
-  mesh, rules = train.build_mesh(c)
-  tx, schedule = train.make_optimizer(c.optim, int(c.train.total_steps))
-  shapes = train.abstract_state(model, tx, mesh, rules, log_fn=lambda _: None)
-  state = train.init_state(model, tx, shapes, {}, cfg.seed)
-  step = train.jit_train_step(model, c, tx, schedule, shapes, mesh, rules)
+  mesh, rules = train_state.build_mesh(c)
+  tx, schedule = optim.make_optimizer(c.optim, int(c.train.total_steps))
+  shapes = train_state.abstract_state(model, tx, mesh, rules, log_fn=lambda _: None)
+  state = train_state.init_state(model, tx, shapes, {}, cfg.seed)
+  step = train_step.jit_train_step(model, c, tx, schedule, shapes, mesh, rules)
   rng = jax.random.key(cfg.seed + 1)
   batch = {k: jax.device_put(v) for k, v in make_batch(cfg).items()}
 

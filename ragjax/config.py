@@ -5,19 +5,32 @@
 `load_config("file.py:arg")` imports the file and calls `get_config(arg)`; `parse_arg` turns the
 argument string ("smoke,loss=rag_token") into a ConfigDict of typed values; `apply_overrides`
 applies `--config.a.b=value` strings, refusing unknown keys (the message lists the valid ones)
-and parsing each value as the type of the field it replaces.
+and parsing each value as the type of the field it replaces. `base_config()` has every key the
+trainer reads; the enumerated values each key takes are the constants below (the modules that
+implement them import these, so each list exists once). `validate(cfg, mesh)` runs every config
+check before any data is read or any array is allocated (MaxText's `pyconfig` validation is the
+model); `load_workdir_config(W)` reads back the config a run was trained with.
 """
 from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import pathlib
+from dataclasses import dataclass
 
 import ml_collections
 
+from ragjax import sharding
+from ragjax.errors import ConfigError, DataError
 
-class ConfigError(ValueError):
-  """A config file, argument or override that cannot be applied; the message says which."""
+TOWERS = ("query_encoder", "passage_encoder", "generator")
+LOSSES = ("rag_sequence", "rag_token", "top1", "closed_book")
+DECODINGS = ("rag_token", "rag_sequence_fast", "rag_sequence_thorough")
+INDEX_KINDS = ("auto", "device", "scann", "exact_host")
+REFRESH_MODES = ("off", "async", "sync")
+LR_SCHEDULES = ("linear", "cosine", "constant")
+DATA_SOURCES = ("bios", "files", "squad_split")
 
 
 def _literal(text: str):
@@ -116,7 +129,6 @@ def base_config() -> ml_collections.ConfigDict:
 
   Units: learning rates per step, lengths in tokens, sizes in bytes, intervals in steps.
   """
-  from ragjax import sharding
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.data = dict(
@@ -148,7 +160,7 @@ def base_config() -> ml_collections.ConfigDict:
       kind="auto",                # auto | device (exact top-k on the mesh) | scann | exact_host
       device_max_bytes=2 * 2**30, chunk=65536,
       scann=dict(),               # ScannIndex.build parameters (defaults by corpus size)
-      refresh=dict(               # joint training (`ragjax.refresh`, `ragjax.indexer`)
+      refresh=dict(               # joint training (`ragjax.joint`)
           mode="off",             # off | async (indexer process) | sync (in-process baseline)
           schedule="asap",        # "asap" | Atlas-style "0-1000:500,1000-10000:1000"
           max_staleness_steps=0,  # 0: unbounded; else wait for the indexer past it
@@ -172,3 +184,191 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = dict(decoding="rag_token", num_beams=1, max_new_tokens=16, batch_size=32,
                 recall_ks=(1, 5, 20))
   return c
+
+
+def load_workdir_config(workdir) -> ml_collections.ConfigDict:
+  """The config a run in `workdir` was trained with (`W/config.json`), over `base_config()` (keys
+  added since the run was written take their defaults). Raises: ConfigError when absent."""
+  path = pathlib.Path(workdir) / "config.json"
+  if not path.is_file():
+    raise ConfigError(f"{path}: not found (is {workdir} a `ragjax train` workdir?)")
+  saved = json.loads(path.read_text())["config"]
+
+  def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+      out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+  return ml_collections.ConfigDict(merge(base_config().to_dict(), saved))
+
+
+# ------------------------------------------------------------------------- parsed values
+
+@dataclass(frozen=True)
+class RefreshSchedule:
+  """Which steps export a checkpoint for the indexer (Atlas's `"0-1000:500,1000-10000:1000"`:
+  every 500 steps in [0, 1000), every 1000 in [1000, 10000)), or `asap`: whenever the indexer has
+  caught up with the last export."""
+  ranges: tuple[tuple[int, int, int], ...] = ()
+  asap: bool = False
+
+  @classmethod
+  def parse(cls, spec: str, key: str = "index.refresh.schedule") -> "RefreshSchedule":
+    """`"asap"`, `""` (no exports), or comma-separated `start-end:every`.
+
+    Raises: ConfigError (a ValueError) naming `key` and the malformed part.
+    """
+    spec = (spec or "").strip()
+    if spec == "asap":
+      return cls(asap=True)
+    ranges = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+      try:
+        span, every = part.split(":")
+        start, end = (int(x) for x in span.split("-"))
+        every = int(every)
+      except ValueError:
+        raise ConfigError(f"{key}: {part!r} is not start-end:every (e.g. "
+                          "'0-1000:500,1000-10000:1000', or 'asap')") from None
+      if not (0 <= start < end and every > 0):
+        raise ConfigError(f"{key}: {part!r} needs 0 <= start < end and every > 0")
+      ranges.append((start, end, every))
+    return cls(tuple(ranges))
+
+  def exports(self, step: int) -> bool:
+    """Whether a checkpoint at `step` (steps done) is exported by the schedule (not `asap`)."""
+    return any(a <= step < b and step > 0 and (step - a) % e == 0 for a, b, e in self.ranges)
+
+
+def towers(value, key: str) -> frozenset:
+  """A config value naming towers (`optim.freeze`, the keys of `optim.lr_multipliers`) as a set.
+
+  Raises: ConfigError naming `key` and the unknown tower(s).
+  """
+  out = frozenset(value or ())
+  unknown = sorted(out - set(TOWERS))
+  if unknown:
+    raise ConfigError(f"{key}: unknown tower(s) {unknown}; expected some of {TOWERS}")
+  return out
+
+
+def frozen_towers(o) -> frozenset:
+  """`optim.freeze` as a set. Raises: ConfigError naming an unknown tower."""
+  return towers(o.freeze, "optim.freeze")
+
+
+def passage_encoder_start(cfg) -> int:
+  """`optim.start_steps.passage_encoder`: checkpoints up to this step hold the initial passage
+  encoder, so there is nothing to re-embed before it."""
+  return int(cfg.optim.start_steps.get("passage_encoder", 0))
+
+
+def _choice(value, options, key: str) -> None:
+  if value not in options:
+    raise ConfigError(f"{key} {value!r}: expected one of {options}")
+
+
+# ---------------------------------------------------------------------------------- validate
+
+def validate(cfg, mesh=None, *, data: bool = True) -> None:
+  """Every check of a run's config, before any data is read or any array is allocated.
+
+  Without `mesh`, the checks that need no devices (enumerated values, towers, schedules, joint
+  training, and with `data` the data paths and init specs: an ahead-of-time compile reads
+  neither); with the run's `mesh`, also the batch splits (global and eval batch over processes,
+  micro-batches and data-parallel shards) and the logical axis rules.
+
+  Raises: ConfigError naming the key and what was expected; DataError for a data path or init
+  spec that names nothing on disk (the path and the key).
+  """
+  m, o = cfg.model, cfg.optim
+  _choice(m.loss, LOSSES, "model.loss")
+  _choice(cfg.eval.decoding, DECODINGS, "eval.decoding")
+  _choice(cfg.index.kind, INDEX_KINDS, "index.kind")
+  _choice(o.schedule, LR_SCHEDULES, "optim.schedule")
+  frozen = frozen_towers(o)
+  towers(dict(o.lr_multipliers), "optim.lr_multipliers")
+  towers(dict(o.start_steps), "optim.start_steps")
+  _validate_refresh(cfg, frozen)
+  c = int(m.get("rerank_candidates", 0) or 0)
+  if c and m.loss != "closed_book" and c <= int(m.k):
+    raise ConfigError(f"model.rerank_candidates={c}: expected K={int(m.k)} < it (0: no "
+                      "re-ranking)")
+  if data:
+    _validate_sources(cfg)
+  if mesh is not None:
+    _validate_mesh(cfg, mesh)
+
+
+def _validate_refresh(cfg, frozen) -> None:
+  r = cfg.index.refresh
+  if r.mode not in REFRESH_MODES:
+    raise ConfigError(f"index.refresh.mode {r.mode!r}: expected one of {REFRESH_MODES}")
+  schedule = RefreshSchedule.parse(r.schedule)
+  if r.mode == "sync" and schedule.asap:
+    raise ConfigError("index.refresh.schedule='asap' needs mode='async' (sync refreshes at "
+                      "scheduled steps)")
+  if int(r.max_staleness_steps) < 0:
+    raise ConfigError("index.refresh.max_staleness_steps must be >= 0 (0: unbounded)")
+  if cfg.model.loss == "closed_book":
+    return
+  trainable = "passage_encoder" not in frozen
+  if trainable and not cfg.model.reencode_passages:
+    raise ConfigError("a trainable passage encoder (optim.freeze without passage_encoder) needs "
+                      "model.reencode_passages=true: the step scores passages by their index "
+                      "embeddings otherwise, so the passage encoder would get no gradient")
+  if trainable and r.mode == "off":
+    raise ConfigError("a trainable passage encoder needs index.refresh.mode 'async' or 'sync': "
+                      "with 'off' the index would keep the initial encoder's embeddings")
+
+
+def _validate_sources(cfg) -> None:
+  d = cfg.data
+  if d.source not in DATA_SOURCES:
+    raise DataError("expected bios, files or squad_split", path=d.source, field="data.source")
+  if d.source != "bios":
+    for key in ("corpus", "train_questions", "eval_questions") if d.source == "files" else (
+        "squad",):
+      if not d.get(key) or not pathlib.Path(d[key]).exists():
+        raise DataError("data path not found", path=d.get(key) or "<empty>",
+                        field=f"data.{key}")
+  init = cfg.retriever.init
+  if init not in ("minilm", "random") and not pathlib.Path(init).is_dir():
+    raise DataError("expected 'minilm', 'random' or a checkpoint directory", path=init,
+                    field="retriever.init")
+  kind, _, where = cfg.generator.init.partition(":")
+  if kind not in ("bert", "hf", "random"):
+    raise DataError("expected 'bert:minilm', 'bert:DIR', 'hf:DIR' or 'random'",
+                    path=cfg.generator.init, field="generator.init")
+  if kind == "hf" and not pathlib.Path(where).is_dir():
+    raise DataError("no such checkpoint directory", path=where, field="generator.init")
+
+
+def _validate_mesh(cfg, mesh) -> None:
+  import jax
+  try:
+    rules = sharding.check_rules(normalized_axis_rules(cfg), mesh)
+  except ValueError as e:
+    raise ConfigError(f"mesh: {e}") from None
+  g, accum = int(cfg.train.global_batch), int(cfg.train.grad_accum_steps)
+  shards = sharding.batch_shards(mesh, rules)
+  names = dict(rules).get(sharding.BATCH)
+  if accum < 1 or g % accum:
+    raise ConfigError(f"train.global_batch={g} is not divisible by train.grad_accum_steps="
+                      f"{accum}")
+  if (g // accum) % shards:
+    raise ConfigError(f"train.global_batch={g} / grad_accum_steps={accum} = {g // accum} rows "
+                      f"per micro-batch is not divisible by the data-parallel size {shards} "
+                      f"(mesh axes {names} of {dict(mesh.shape)})")
+  if g % jax.process_count():
+    raise ConfigError(f"train.global_batch={g} is not divisible by the "
+                      f"{jax.process_count()} processes")
+  e = int(cfg.eval.batch_size)
+  if e % shards or e % jax.process_count():
+    raise ConfigError(f"eval.batch_size={e} is not divisible by the data-parallel size {shards} "
+                      f"and the {jax.process_count()} processes")
+
+
+def normalized_axis_rules(cfg) -> list:
+  """`cfg.mesh.axis_rules` as `(logical, mesh axes)` pairs (lists from JSON become tuples)."""
+  return [(l, tuple(p) if isinstance(p, (list, tuple)) else p) for l, p in cfg.mesh.axis_rules]

@@ -1,8 +1,22 @@
-"""Errors raised on bad input: each names the file, line and field at fault."""
+"""The errors ragjax raises for what a user can fix; all derive from `RagjaxError`.
+
+The CLI catches `RagjaxError` alone and prints `error: <message>` (exit status 2, no traceback;
+`--debug` or `RAGJAX_DEBUG=1` shows it). Each message names the file, line, field or config key
+at fault and what was expected. The classes also derive from the built-in type callers caught
+before they existed (`ValueError`, `RuntimeError`, `FileNotFoundError`).
+"""
 from __future__ import annotations
 
 
-class DataError(ValueError):
+class RagjaxError(Exception):
+  """Base of every user-facing ragjax error."""
+
+
+class ConfigError(RagjaxError, ValueError):
+  """A config file, argument, override or value that cannot be used; the message names the key."""
+
+
+class DataError(RagjaxError, ValueError):
   """Bad input data.
 
   The message always names where the problem is (`path`, 1-based `line` when the format has
@@ -20,9 +34,26 @@ class DataError(ValueError):
     self.path, self.line, self.field = path, line, field
 
 
-class IndexFormatError(ValueError):
+class IndexFormatError(RagjaxError, ValueError):
   """An index or embedding directory that is incomplete, corrupt, or disagrees with its caller."""
 
 
-class WeightImportError(ValueError):
+class WeightImportError(RagjaxError, ValueError):
   """A checkpoint that cannot be imported: missing, mis-shaped or unexpected tensors, bad hash."""
+
+
+class CheckpointError(RagjaxError, ValueError):
+  """A checkpoint that cannot be restored into this run (incompatible config or shapes)."""
+
+
+class NotFoundError(RagjaxError, FileNotFoundError):
+  """A file or directory the command needs is absent (no checkpoint to evaluate, ...)."""
+
+
+class UsageError(RagjaxError, ValueError):
+  """Command-line arguments that do not fit together (e.g. neither or both of two options)."""
+
+
+class NonFiniteLossError(RagjaxError, RuntimeError):
+  """Training produced a non-finite loss or gradient norm; the message names the step and the
+  last good checkpoint."""

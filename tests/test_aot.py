@@ -13,7 +13,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ragjax import aot
+from ragjax.training import aot
 
 pytest.importorskip(
     "libtpu", reason=f"libtpu not installed, so no compile-only TPU devices: "

@@ -13,7 +13,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ragjax import sharding
-from ragjax.checkpoint import CheckpointError, Checkpointer, abstract_with_shardings
+from ragjax.checkpoint import Checkpointer, abstract_with_shardings
+from ragjax.errors import CheckpointError
 
 
 def state(seed=0):
@@ -77,3 +78,27 @@ def test_killed_save_is_never_reported(tmp_path):
   assert ckpt.latest_step() == 1, os.listdir(tmp_path / "c")
   restored, _ = ckpt.restore(1, jax.eval_shape(lambda: {"w": jnp.ones((4,))}))
   np.testing.assert_array_equal(restored["w"], np.ones(4))
+
+
+def test_reader_sees_new_steps_and_restores_one_subtree(tmp_path):
+  """The read-only view another process uses (the indexer): it lists steps saved after it was
+  opened, reads their meta, and restores one sub-tree alone as host numpy arrays."""
+  writer = Checkpointer(tmp_path / "c", max_to_keep=5, config={"model": {}}, async_save=False)
+  reader = Checkpointer.reader(tmp_path / "c")
+  assert reader.all_steps() == [] and reader.latest_step() is None
+  tree = {"params": {"a": {"w": jnp.arange(6.0).reshape(2, 3)}, "b": {"w": jnp.ones(4)}},
+          "opt": jnp.zeros(3)}
+  writer.save(7, tree, meta={"index_version": 3})
+  writer.wait()
+  assert reader.all_steps() == [7] and reader.latest_step() == 7
+  assert reader.metadata(7)["index_version"] == 3
+  sub = reader.restore_subtree(7, ("params", "a"))
+  assert set(sub) == {"w"} and isinstance(sub["w"], np.ndarray)
+  np.testing.assert_array_equal(sub["w"], np.arange(6.0).reshape(2, 3))
+  with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+    reader.restore_subtree(8, ("params", "a"))
+  with pytest.raises(KeyError):
+    reader.restore_subtree(7, ("params", "c"))
+  with pytest.raises(CheckpointError, match="read-only"):  # it never writes
+    reader.save(9, tree)
+  writer.close()

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from ragjax.main import main
+from ragjax.cli import main
 
 
 def run(*args):
@@ -20,7 +20,7 @@ def bios(tmp_path_factory):
 
 
 def test_help_lists_subcommands():
-  out = subprocess.run([sys.executable, "-m", "ragjax.main", "--help"], capture_output=True,
+  out = subprocess.run([sys.executable, "-m", "ragjax.cli", "--help"], capture_output=True,
                        text=True, check=True).stdout
   for cmd in ("make-bios", "embed", "index", "retrieve", "eval-retrieval"):
     assert cmd in out
@@ -96,3 +96,35 @@ def test_split_words_splits_long_documents(tmp_path):
   report = json.loads(out.read_text())
   assert report["num_passages"] == 3
   assert report["recall"]["gold"]["1"] == 1.0 and report["recall"]["answer"]["1"] == 1.0
+
+
+def test_help_imports_no_jax():
+  """`ragjax --help` (and argument parsing) loads neither jax nor the models: it stays fast."""
+  code = ("import sys, ragjax.cli as c; c.build_parser().format_help(); "
+          "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+          "('jax', 'flax', 'numpy', 'orbax', 'tokenizers', 'scann')))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_every_error_is_one_line_with_status_2_and_debug_shows_the_traceback(tmp_path, capsys,
+                                                                              monkeypatch):
+  """Each user-facing error type derives from RagjaxError; the CLI prints `error: ...` alone
+  unless --debug (or RAGJAX_DEBUG=1) asks for the traceback."""
+  from ragjax import errors
+  for name in ("ConfigError", "DataError", "IndexFormatError", "WeightImportError",
+               "CheckpointError", "NotFoundError", "UsageError", "NonFiniteLossError"):
+    assert issubclass(getattr(errors, name), errors.RagjaxError), name
+  missing = tmp_path / "no_such_index"
+  monkeypatch.delenv("RAGJAX_DEBUG", raising=False)
+  assert run("retrieve", "q", "--index", missing) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("ragjax retrieve: error: ") and str(missing) in err
+  assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+  assert run("--debug", "retrieve", "q", "--index", missing) == 2
+  assert "Traceback" in capsys.readouterr().err
+  assert run("retrieve", "q", "--index", missing, "--debug") == 2  # after the command too
+  assert "Traceback" in capsys.readouterr().err
+  monkeypatch.setenv("RAGJAX_DEBUG", "1")
+  assert run("retrieve", "q", "--index", missing) == 2
+  assert "Traceback" in capsys.readouterr().err

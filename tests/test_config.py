@@ -2,7 +2,8 @@
 import ml_collections
 import pytest
 
-from ragjax.config import ConfigError, apply_overrides, load_config, parse_arg
+from ragjax.config import apply_overrides, load_config, parse_arg
+from ragjax.errors import ConfigError
 
 
 def test_parse_arg_types_and_unknown_keys():
@@ -51,3 +52,50 @@ def test_load_config_file(tmp_path):
   (tmp_path / "bad.py").write_text("x = 1\n")
   with pytest.raises(ConfigError, match="defines no get_config"):
     load_config(str(tmp_path / "bad.py"))
+
+
+def _smoke(*overrides):
+  cfg = load_config("experiments/bios.py:smoke")
+  return apply_overrides(cfg, ["mesh.axes=(('data', 1), ('fsdp', 1), ('tensor', 1))",
+                               "mesh.num_devices=1", *overrides])
+
+
+@pytest.mark.parametrize("override, words", [
+    ("model.loss=rag_tokn", "model.loss 'rag_tokn': expected one of"),
+    ("eval.decoding=beam", "eval.decoding 'beam'"),
+    ("index.kind=gpu", "index.kind 'gpu'"),
+    ("optim.schedule=step", "optim.schedule 'step'"),
+    ("optim.freeze=('quary_encoder',)", "optim.freeze: unknown tower(s) ['quary_encoder']"),
+    ("model.rerank_candidates=2", "model.rerank_candidates=2: expected K=2 < it"),
+    ("index.refresh.max_staleness_steps=-1", "max_staleness_steps must be >= 0"),
+    ("generator.init=gpt:x", "generator.init"),
+    ("retriever.init=/no/such/dir", "retriever.init"),
+])
+def test_validate_names_the_key(override, words):
+  import re
+  from ragjax import config as config_lib
+  with pytest.raises(ValueError, match=re.escape(words)):
+    config_lib.validate(_smoke(override))
+
+
+def test_validate_runs_before_any_data_is_read(monkeypatch):
+  """A bad value stops `Run` in `validate`, before the data source or a tower is touched; a
+  mesh-dependent one (eval batch over 8 data-parallel devices) likewise."""
+  from ragjax.training import loop
+  def never(*a, **k):
+    raise AssertionError("data read before the config was checked")
+  monkeypatch.setattr(loop, "build_system", never)
+  with pytest.raises(ConfigError, match="model.loss"):
+    loop.Run(_smoke("model.loss=rag_tokn"), "/nonexistent/workdir")
+  cfg = apply_overrides(load_config("experiments/bios.py:smoke"), ["eval.batch_size=6"])
+  with pytest.raises(ConfigError, match="eval.batch_size=6"):
+    loop.Run(cfg, "/nonexistent/workdir")
+
+
+def test_the_loss_names_validate_accepts_are_the_losses_that_exist():
+  from ragjax import config as config_lib
+  from ragjax.objectives import rag_losses
+  for name in config_lib.LOSSES:
+    assert callable(rag_losses.get_loss_fn(name))
+  with pytest.raises(ValueError, match="unknown loss"):
+    rag_losses.get_loss_fn("rag_tokn")

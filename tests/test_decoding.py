@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from ragjax import decoding
+from ragjax.decoding import beam as decoding
 from ragjax.models.seq2seq import Seq2Seq
 from ragjax.models.seq2seq_import import load_seq2seq_dir
 

@@ -87,7 +87,7 @@ def test_sigkill_mid_run_then_resume(tmp_path):
   model, _ = write_tiny_bert(tmp_path / "bert")
   rows = [{"id": f"p{i}", "title": p.title, "text": p.text} for i, p in enumerate(corpus(64, 3))]
   (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-  cmd = [sys.executable, "-m", "ragjax.main", "embed", "--corpus", str(tmp_path / "c.jsonl"),
+  cmd = [sys.executable, "-m", "ragjax.cli", "embed", "--corpus", str(tmp_path / "c.jsonl"),
          "--retriever", str(model), "--shard-size", "8", "--batch-size", "8"]
   env = dict(os.environ)
   slow = textwrap.dedent("""
@@ -98,7 +98,7 @@ def test_sigkill_mid_run_then_resume(tmp_path):
       orig(path, a)
       time.sleep(0.5)
     e._save_npy_atomic = slow_save
-    from ragjax.main import main
+    from ragjax.cli import main
     sys.exit(main(sys.argv[1:]))
   """)
   proc = subprocess.Popen([sys.executable, "-c", slow] + cmd[3:] + ["--out", str(tmp_path / "a")],

@@ -6,7 +6,7 @@ import pathlib
 import pytest
 
 from ragjax import config as config_lib
-from ragjax.main import main
+from ragjax.cli import main
 
 EXPERIMENTS = sorted(pathlib.Path("experiments").glob("*.py"))
 ONE_DEVICE = ["--config.mesh.axes=(('data', 1), ('fsdp', 1), ('tensor', 1))",

@@ -13,7 +13,9 @@ import pytest
 
 from ragjax.errors import IndexFormatError
 from ragjax.retrieval.bm25_index import BM25Index
-from ragjax.retrieval.index import ExactIndex, load_index, topk_chunked
+from ragjax.retrieval.index import ExactIndex
+from ragjax.retrieval.registry import load_index
+from ragjax.retrieval.topk import topk_chunked
 from ragjax.retrieval.scann_index import ScannIndex, default_params
 
 

@@ -26,7 +26,8 @@ import time
 import numpy as np
 import pytest
 
-from ragjax import indexer as ix
+from ragjax import config as config_lib, fsutil
+from ragjax.joint import indexer, versions
 
 PASSAGES = 2000     # --config.data.num_people: one passage per person
 SHARD_SIZE = 20     # passages per shard file: 100 files, so a kill lands mid-job
@@ -62,7 +63,7 @@ class Proc:
   def __init__(self, args, env, log):
     self.name = log.name
     self.out, self.err = log.with_suffix(".out"), log.with_suffix(".err")
-    cmd = [sys.executable, "-m", "ragjax.main", *map(str, args)]
+    cmd = [sys.executable, "-m", "ragjax.cli", *map(str, args)]
     with self.out.open("w") as out, self.err.open("w") as err:
       self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err,
                                    start_new_session=True)
@@ -156,7 +157,7 @@ def is_indexer_of(pid: int, workdir) -> bool:
 def worker_pid(workdir) -> int | None:
   """The pid the live indexer worker 0 wrote into `W/index/.worker-0.lock`."""
   try:
-    text = (ix.index_dir(workdir) / ".worker-0.lock").read_text().strip()
+    text = (versions.index_dir(workdir) / ".worker-0.lock").read_text().strip()
   except FileNotFoundError:
     return None
   return int(text) if text.isdigit() else None
@@ -172,14 +173,14 @@ def kill_indexer(pid, workdir) -> None:
 
 
 def open_jobs(workdir) -> list[pathlib.Path]:
-  return sorted(ix.index_dir(workdir).glob(".job-*"))
+  return sorted(versions.index_dir(workdir).glob(".job-*"))
 
 
 def load_all_versions(workdir, dim: int) -> dict:
   """`{step: manifest}` of every listed version; each loads (complete, right count/dim)."""
   out = {}
-  for step in ix.version_steps(workdir):
-    emb, manifest, _ = ix.load_version(workdir, step, expect_count=PASSAGES, expect_dim=dim)
+  for step in versions.version_steps(workdir):
+    emb, manifest, _ = versions.load_version(workdir, step, expect_count=PASSAGES, expect_dim=dim)
     assert np.isfinite(emb).all() and manifest["checkpoint_step"] == step
     out[step] = manifest
   return out
@@ -199,7 +200,7 @@ def no_indexer_run(tmp_path_factory, env):
     assert run.wait(300) == 0, run.logs()
   finally:
     run.kill()
-  return workdir, run, ix.version_steps(workdir)
+  return workdir, run, versions.version_steps(workdir)
 
 
 @pytest.mark.timeout(600)
@@ -218,7 +219,7 @@ def test_trainer_keeps_training_on_the_last_version_without_an_indexer(no_indexe
   assert versions == [0]
   manifest = json.loads((workdir / "index" / "0" / "manifest.json").read_text())
   assert manifest["published_by"] == "trainer" and manifest["count"] == PASSAGES
-  for step in ix.checkpoint_steps(workdir):
+  for step in indexer.checkpoint_steps(workdir):
     meta = json.loads((workdir / "checkpoints" / str(step) / "meta" / "metadata").read_text())
     assert meta["index_version"] == 0, (step, meta)
   summary = json.loads((workdir / "index_refresh.json").read_text())
@@ -259,18 +260,19 @@ def test_sigkilled_indexer_resumes_its_job_from_finished_shards(no_indexer_run, 
     comparison would notice a job embedded by the wrong tower.
   """
   from ragjax.retrieval.embed import corpus_fingerprint
-  from ragjax.system import build_retriever, load_data
-  from ragjax.trainer import load_workdir_config
+  from ragjax.system.build import build_retriever
+  from ragjax.data.sources import load_data
+  from ragjax.config import load_workdir_config
   workdir, _, _ = no_indexer_run
-  step = max(ix.checkpoint_steps(workdir))
-  assert step == 6 and ix.version_steps(workdir) == [0]
-  ix.clear_end_marker(workdir)  # the finished trainer's marker would stop the indexer at once
-  shard_dir = ix.index_dir(workdir) / f".job-{step}" / "shard-0-of-1"
+  step = max(indexer.checkpoint_steps(workdir))
+  assert step == 6 and versions.version_steps(workdir) == [0]
+  versions.clear_end_marker(workdir)  # the finished trainer's marker would stop the indexer at once
+  shard_dir = versions.index_dir(workdir) / f".job-{step}" / "shard-0-of-1"
 
   first = Proc(["indexer", "--workdir", workdir, "--poll-seconds", "0.1"], env,
                tmp_path / "indexer-a")
   try:
-    poll(lambda: shard_files(shard_dir) or (ix.index_dir(workdir) / str(step)).exists(), 240,
+    poll(lambda: shard_files(shard_dir) or (versions.index_dir(workdir) / str(step)).exists(), 240,
          "a finished shard file", first, interval=0.005, alive=[first])
     first.sigkill()
     assert first.wait(30) == -signal.SIGKILL
@@ -279,8 +281,8 @@ def test_sigkilled_indexer_resumes_its_job_from_finished_shards(no_indexer_run, 
   finished = shard_files(shard_dir)
 
   # Nothing partial is published; the open job holds a prefix of the shard files.
-  assert not (ix.index_dir(workdir) / str(step)).exists(), "killed too late: version published"
-  assert ix.version_steps(workdir) == [0] and ix.latest_version(workdir) == 0
+  assert not (versions.index_dir(workdir) / str(step)).exists(), "killed too late: version published"
+  assert versions.version_steps(workdir) == [0] and versions.latest_version(workdir) == 0
   assert not (shard_dir / "manifest.json").exists()
   assert (shard_dir.parent / "passage_encoder.safetensors").is_file()
   assert 1 <= len(finished) < NUM_SHARD_FILES, len(finished)
@@ -313,20 +315,20 @@ def test_sigkilled_indexer_resumes_its_job_from_finished_shards(no_indexer_run, 
   assert second.summary() == {"shard": 0, "published": 1}, second.logs()
   assert "another worker holds the lock" not in second.err.read_text()  # flock died with it
 
-  assert ix.version_steps(workdir) == [0, step] and not open_jobs(workdir)
+  assert versions.version_steps(workdir) == [0, step] and not open_jobs(workdir)
   assert set(load_all_versions(workdir, dim)) == {0, step}
-  emb, manifest, _ = ix.load_version(workdir, step, expect_count=PASSAGES, expect_dim=dim,
+  emb, manifest, _ = versions.load_version(workdir, step, expect_count=PASSAGES, expect_dim=dim,
                                      expect_corpus=corpus_fingerprint(passages))
   assert manifest["encoder"]["checkpoint_step"] == step and manifest["num_shards"] == 1
   for i, name in enumerate(sorted(finished)):
     np.testing.assert_array_equal(emb[i * SHARD_SIZE:(i + 1) * SHARD_SIZE], before[name])
 
   retriever.params = {**retriever.params,
-                      "passage_encoder": ix.restore_passage_encoder(workdir, step)}
+                      "passage_encoder": indexer.restore_passage_encoder(workdir, step)}
   expected = retriever.encode_passages([p.title for p in passages], [p.text for p in passages],
                                        batch_size=64)
   np.testing.assert_allclose(emb, expected, rtol=1e-4, atol=1e-5)
-  v0, _, _ = ix.load_version(workdir, 0, expect_count=PASSAGES, expect_dim=dim)
+  v0, _, _ = versions.load_version(workdir, 0, expect_count=PASSAGES, expect_dim=dim)
   assert np.abs(v0 - emb).max() > 1e-3  # the trained passage encoder embeds differently
 
 
@@ -353,17 +355,17 @@ def test_sigkilled_trainer_leaves_its_indexer_serving(env, tmp_path):
     indexer_pid = worker_pid(workdir)
     assert indexer_pid is not None and is_indexer_of(indexer_pid, workdir)
     assert os.getsid(indexer_pid) not in (first.pid, os.getsid(0))  # its own session
-    newer = lambda: max(ix.checkpoint_steps(workdir), default=0) > ix.latest_version(workdir)
+    newer = lambda: max(indexer.checkpoint_steps(workdir), default=0) > versions.latest_version(workdir)
     poll(newer, 120, "a checkpoint newer than the newest version", first, interval=0.01,
          alive=[first])
     t_kill = time.time()
     first.sigkill()
     assert first.wait(30) == -signal.SIGKILL
-    newest = max(ix.checkpoint_steps(workdir))
+    newest = max(indexer.checkpoint_steps(workdir))
     assert is_indexer_of(indexer_pid, workdir), "the indexer died with the trainer"
 
     def caught_up():
-      done = ix.latest_version(workdir) == newest and not open_jobs(workdir)
+      done = versions.latest_version(workdir) == newest and not open_jobs(workdir)
       if not done and not pid_alive(indexer_pid):
         pytest.fail("the indexer exited before publishing version "
                     f"{newest}\n{(workdir / 'indexer-0.log').read_text()[-4000:]}")
@@ -371,10 +373,10 @@ def test_sigkilled_trainer_leaves_its_indexer_serving(env, tmp_path):
     poll(caught_up, 180, f"version {newest} after the kill", first)
     manifest = json.loads((workdir / "index" / str(newest) / "manifest.json").read_text())
     assert manifest["published_unix"] > t_kill and manifest["checkpoint_step"] == newest
-    assert ix.checkpoint_steps(workdir)[-1] == newest  # nothing new appeared meanwhile
+    assert indexer.checkpoint_steps(workdir)[-1] == newest  # nothing new appeared meanwhile
     time.sleep(1.0)  # five poll intervals: it waits for work instead of exiting
     assert is_indexer_of(indexer_pid, workdir) and not open_jobs(workdir)
-    assert not (workdir / "index" / ix.END_MARKER).exists()
+    assert not (workdir / "index" / versions.END_MARKER).exists()
 
     total = newest + 3
     second = train(workdir, env, tmp_path / "train-b", f"--config.train.total_steps={total}")
@@ -386,7 +388,7 @@ def test_sigkilled_trainer_leaves_its_indexer_serving(env, tmp_path):
     assert resumed[0]["index_version"] >= newest, resumed[0]
     assert all(m["index_staleness_steps"] == m["step"] - 1 - m["index_version"] >= 0
                for m in resumed), resumed
-    assert (workdir / "index" / ix.END_MARKER).is_file()
+    assert (workdir / "index" / versions.END_MARKER).is_file()
     poll(lambda: not pid_alive(indexer_pid), 60, "the orphaned indexer to exit at END", second)
   finally:
     for p in (first, second):
@@ -394,7 +396,7 @@ def test_sigkilled_trainer_leaves_its_indexer_serving(env, tmp_path):
         p.kill()
     kill_indexer(indexer_pid, workdir)
     if workdir.is_dir():
-      ix.write_end_marker(workdir)  # any other indexer of this workdir exits at its next poll
+      versions.write_end_marker(workdir)  # any other indexer of this workdir exits at its next poll
 
 
 # ---------------------------------------------------------------------- bounded staleness
@@ -429,6 +431,6 @@ def test_max_staleness_steps_bounds_every_step(env, tmp_path):
   summary = json.loads((workdir / "index_refresh.json").read_text())
   assert summary["waited_seconds"] > 0 and summary["staleness"]["max"] == 3
   assert [s["version"] for s in summary["switches"]] == [0, 4, 8]
-  assert (workdir / "index" / ix.END_MARKER).is_file()
+  assert (workdir / "index" / versions.END_MARKER).is_file()
   # The trainer's finish() waited for its indexer: it has exited, not been orphaned.
   assert indexer_pid is not None and not pid_alive(indexer_pid)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ragjax import losses
+from ragjax.objectives import rag_losses as losses
 
 B, K, T, V, L = 3, 4, 7, 29, 6     # batch, passages, target length, vocab, context length
 PAD, BOS, EOS = 1, 0, 2             # BART ids

@@ -6,8 +6,11 @@ import string
 import numpy as np
 import pytest
 
-from ragjax import metrics
-from ragjax.metrics import exact_match, f1, has_answer, normalize_answer, recall_at_k, regex_match
+from ragjax.data import answers
+from ragjax.evaluation import metrics as em_metrics
+from ragjax.data.answers import has_answer, normalize_answer, regex_match
+from ragjax.evaluation.metrics import exact_match, f1
+from ragjax.retrieval.evaluate import recall_at_k
 
 
 # Reference: the official SQuAD v1.1 evaluate-v1.1.py, restated step by step.
@@ -162,4 +165,4 @@ def test_recall_at_k_errors(hits, ks, err, match):
 
 
 def test_compile_answer_regex_is_cached():
-  assert metrics.compile_answer_regex("abc") is metrics.compile_answer_regex("abc")
+  assert answers.compile_answer_regex("abc") is answers.compile_answer_regex("abc")

@@ -41,7 +41,7 @@ class Proc:
   def __init__(self, args, env, log):
     self.name = log.name
     self.out, self.err = log.with_suffix(".out"), log.with_suffix(".err")
-    cmd = [sys.executable, "-m", "ragjax.main", "train", "--config",
+    cmd = [sys.executable, "-m", "ragjax.cli", "train", "--config",
            "experiments/bios.py:smoke", *map(str, args)]
     with self.out.open("w") as out, self.err.open("w") as err:
       self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err,

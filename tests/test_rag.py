@@ -17,9 +17,11 @@ import pytest
 import torch
 import transformers
 
-from ragjax import rag_decoding
+import rag_helpers
+from ragjax.decoding import rag as rag_decoding
 from ragjax.data.tokenize import WordPieceTokenizer
 from ragjax.models import rag
+from ragjax.retrieval import topk
 
 from conftest import TINY_VOCAB
 
@@ -72,7 +74,7 @@ def setup(tmp_path_factory):
   qdir, gdir = tmp_path_factory.mktemp("question_encoder"), tmp_path_factory.mktemp("generator")
   hf_tok.rag.question_encoder.save_pretrained(qdir, safe_serialization=True)
   hf_tok.rag.generator.save_pretrained(gdir, safe_serialization=True)
-  model, params = rag.load_rag(qdir, gdir)
+  model, params = rag_helpers.load_rag(qdir, gdir)
 
   rng = np.random.default_rng(0)
   ctx = rng.integers(3, 64, (B, K, L)).astype(np.int32)
@@ -178,7 +180,7 @@ def test_live_retriever_gradients_match_transformers(setup):
   ref.sum().backward()
 
   q_params = s.params["bi_encoder"]["query_encoder"]
-  params = rag.assemble_params(q_params, s.params["generator"], q_params)
+  params = rag_helpers.assemble_params(q_params, s.params["generator"], q_params)
   shapes = jax.eval_shape(lambda: rag.init_params(s.model, jax.random.key(0)))
   assert jax.tree.structure(shapes) == jax.tree.structure(params)
   batch = dict(context_input_ids=s.ctx, context_attention_mask=s.ctx_mask, labels=s.labels,
@@ -313,14 +315,14 @@ def test_device_top_k_is_exact():
   rng = np.random.default_rng(1)
   corpus = rng.standard_normal((257, 8)).astype(np.float32)
   queries = rng.standard_normal((5, 8)).astype(np.float32)
-  top = jax.jit(rag.device_top_k, static_argnames=("k", "chunk"))(queries, corpus, k=4, chunk=64)
+  top = jax.jit(topk.device_top_k, static_argnames=("k", "chunk"))(queries, corpus, k=4, chunk=64)
   ref = np.argsort(-(queries @ corpus.T), axis=1)[:, :4]
   np.testing.assert_array_equal(top.doc_ids, ref)
   np.testing.assert_allclose(top.scores, np.take_along_axis(queries @ corpus.T, ref, 1),
                              rtol=1e-5)
   np.testing.assert_array_equal(top.embeddings, corpus[ref])
   with pytest.raises(ValueError, match="k=300"):
-    rag.device_top_k(queries, corpus, k=300)
+    topk.device_top_k(queries, corpus, k=300)
 
 
 DOCS = [{"title": ['"Paris"', "Lon  don"], "text": ["the city of light", "the cat  sat"]},
@@ -338,7 +340,7 @@ def _hf_postprocess(tokenizer, prefix, max_length):
 
 
 def _ours(tokenizer, prefix, max_length, **kw):
-  ids, mask = rag.build_context_inputs([d["title"] for d in DOCS], [d["text"] for d in DOCS],
+  ids, mask = rag_helpers.build_context_inputs([d["title"] for d in DOCS], [d["text"] for d in DOCS],
                                        QUESTIONS, tokenizer, max_length, prefix=prefix, **kw)
   assert ids.shape == mask.shape == (2, 2, max_length) and ids.dtype == np.int32
   return ids.reshape(4, max_length), mask.reshape(4, max_length)
@@ -378,7 +380,7 @@ def test_context_inputs_match_hf_postprocess_docs_wordpiece(tmp_path):
   ids, mask = _ours(ours_tok, None, 16)
   np.testing.assert_array_equal(ids, ref_ids)
   np.testing.assert_array_equal(mask, ref_mask)
-  strings = rag.context_strings([d["title"] for d in DOCS], [d["text"] for d in DOCS], QUESTIONS)
+  strings = rag_helpers.context_strings([d["title"] for d in DOCS], [d["text"] for d in DOCS], QUESTIONS)
   assert strings[0] == ["Paris / the city of light // who is in the hat?",
                         "Lon don / the cat sat // who is in the hat?"]
   assert strings[1][1] == 'quoted" title / x // where is it'

@@ -9,14 +9,14 @@ import jax
 import numpy as np
 import pytest
 
-from ragjax import config as config_lib
-from ragjax import indexer as ix
-from ragjax import train
-from ragjax.config import ConfigError
+from ragjax import config as config_lib, fsutil
+from ragjax.joint import indexer, versions
+from ragjax.training import optim, state as train_state, step as train_step
+from ragjax.errors import ConfigError
 from ragjax.errors import IndexFormatError
 from ragjax.models.rag import batch_doc_scores
-from ragjax.trainer import Run
-from ragjax.trainer import train as train_run
+from ragjax.training.loop import Run
+from ragjax.training.loop import train as train_run
 
 ONE_DEVICE = "(('data', 1), ('fsdp', 1), ('tensor', 1))"
 JOINT = {"optim.freeze": "()", "model.reencode_passages": "true",
@@ -33,19 +33,19 @@ def smoke(**overrides):
 # ------------------------------------------------------------------------------- schedules
 
 def test_atlas_schedule_exports_every_n_steps_within_each_range():
-  s = ix.RefreshSchedule.parse("0-1000:500,1000-10000:1000")
+  s = config_lib.RefreshSchedule.parse("0-1000:500,1000-10000:1000")
   assert [n for n in range(0, 4001) if s.exports(n)] == [500, 1000, 2000, 3000, 4000]
-  assert not s.asap and ix.RefreshSchedule.parse("asap").asap
-  assert not any(ix.RefreshSchedule.parse("").exports(n) for n in range(100))
+  assert not s.asap and config_lib.RefreshSchedule.parse("asap").asap
+  assert not any(config_lib.RefreshSchedule.parse("").exports(n) for n in range(100))
   for bad in ("0-100", "100-0:10", "a-b:c", "0-100:0"):
     with pytest.raises(ValueError, match="index.refresh.schedule"):
-      ix.RefreshSchedule.parse(bad)
+      config_lib.RefreshSchedule.parse(bad)
 
 
 # -------------------------------------------------------------------------------- versions
 
 def _publish(workdir, step, emb, ids=("a", "b", "c")):
-  return ix.publish_version(workdir, step, emb, passage_ids=list(ids), corpus_sha256="c0ffee",
+  return versions.publish_version(workdir, step, emb, passage_ids=list(ids), corpus_sha256="c0ffee",
                             encoder={"name": "test"})
 
 
@@ -53,22 +53,22 @@ def test_published_version_round_trips_and_a_killed_publish_is_invisible(tmp_pat
   emb = np.arange(12, dtype=np.float32).reshape(3, 4)
   manifest = _publish(tmp_path, 7, emb)
   assert manifest["checkpoint_step"] == 7 and manifest["count"] == 3 and manifest["dim"] == 4
-  got, man, _ = ix.load_version(tmp_path, 7, expect_count=3, expect_dim=4,
+  got, man, _ = versions.load_version(tmp_path, 7, expect_count=3, expect_dim=4,
                                 expect_corpus="c0ffee")
   np.testing.assert_array_equal(got, emb)
   # A publish that dies half-way leaves only a temporary sibling: never listed, never loaded.
   with pytest.raises(KeyboardInterrupt):
-    with ix.atomic_directory(ix.index_dir(tmp_path) / "9") as tmp:
+    with fsutil.atomic_directory(versions.index_dir(tmp_path) / "9") as tmp:
       np.save(tmp / "embeddings.npy", emb)
       raise KeyboardInterrupt
-  (ix.index_dir(tmp_path) / ".9.tmp-killed").mkdir()  # what a SIGKILL leaves
-  assert ix.version_steps(tmp_path) == [7] and ix.latest_version(tmp_path) == 7
+  (versions.index_dir(tmp_path) / ".9.tmp-killed").mkdir()  # what a SIGKILL leaves
+  assert versions.version_steps(tmp_path) == [7] and versions.latest_version(tmp_path) == 7
   with pytest.raises(IndexFormatError, match="count 3, expected 5"):
-    ix.load_version(tmp_path, 7, expect_count=5, expect_dim=4)
+    versions.load_version(tmp_path, 7, expect_count=5, expect_dim=4)
   with pytest.raises(IndexFormatError, match="corpus_sha256"):
-    ix.load_version(tmp_path, 7, expect_count=3, expect_dim=4, expect_corpus="other")
-  ix.collect_garbage(tmp_path, keep=2)
-  assert not (ix.index_dir(tmp_path) / ".9.tmp-killed").exists()
+    versions.load_version(tmp_path, 7, expect_count=3, expect_dim=4, expect_corpus="other")
+  versions.collect_garbage(tmp_path, keep=2)
+  assert not (versions.index_dir(tmp_path) / ".9.tmp-killed").exists()
 
 
 def test_garbage_collection_keeps_newest_and_versions_kept_checkpoints_use(tmp_path):
@@ -78,10 +78,10 @@ def test_garbage_collection_keeps_newest_and_versions_kept_checkpoints_use(tmp_p
   meta = tmp_path / "checkpoints" / "35" / "meta"
   meta.mkdir(parents=True)
   (meta / "metadata").write_text(json.dumps({"step": 35, "index_version": 10}))
-  (ix.index_dir(tmp_path) / ".job-20").mkdir()  # overtaken by version 40
-  deleted = ix.collect_garbage(tmp_path, keep=2)
-  assert deleted == [0, 20] and ix.version_steps(tmp_path) == [10, 30, 40]
-  assert not (ix.index_dir(tmp_path) / ".job-20").exists()
+  (versions.index_dir(tmp_path) / ".job-20").mkdir()  # overtaken by version 40
+  deleted = versions.collect_garbage(tmp_path, keep=2)
+  assert deleted == [0, 20] and versions.version_steps(tmp_path) == [10, 30, 40]
+  assert not (versions.index_dir(tmp_path) / ".job-20").exists()
 
 
 # ------------------------------------------------------------------------- against a run
@@ -102,14 +102,14 @@ def test_staleness_grows_while_no_version_is_published(joint_run):
   assert [r["index_version"] for r in records] == [0] * 6
   assert [r["index_staleness_steps"] for r in records] == [0, 1, 2, 3, 4, 5]
   assert summary["index_refresh"]["staleness"]["max"] == 5
-  assert (workdir / "index" / ix.END_MARKER).is_file()  # the end marker for indexers
+  assert (workdir / "index" / versions.END_MARKER).is_file()  # the end marker for indexers
 
 
 def test_passage_encoder_trains_and_is_read_alone_from_the_checkpoint(joint_run):
   cfg, workdir, _ = joint_run
   run = Run(cfg, workdir)
   state, _ = run.restore_latest()
-  tower = ix.restore_passage_encoder(workdir, 6)
+  tower = indexer.restore_passage_encoder(workdir, 6)
   want = jax.tree.map(np.asarray, state.params["bi_encoder"]["passage_encoder"])
   jax.tree.map(np.testing.assert_array_equal, tower, want)
   initial = run.system.retriever.params["passage_encoder"]  # what embedded version 0
@@ -117,8 +117,8 @@ def test_passage_encoder_trains_and_is_read_alone_from_the_checkpoint(joint_run)
               for a, b in zip(jax.tree.leaves(initial), jax.tree.leaves(tower)))
   assert moved > 1e-4  # the REALM re-encoding carried a gradient to it
   # The safetensors copy a job keeps is the same pytree.
-  ix.save_tower(workdir / "tower.safetensors", tower)
-  jax.tree.map(np.testing.assert_array_equal, ix.load_tower(workdir / "tower.safetensors"),
+  indexer.save_tower(workdir / "tower.safetensors", tower)
+  jax.tree.map(np.testing.assert_array_equal, indexer.load_tower(workdir / "tower.safetensors"),
                tower)
 
 
@@ -126,7 +126,7 @@ def test_reencoded_scores_equal_index_scores_when_the_index_is_fresh(tmp_path):
   """REALM re-encoding with the parameters that embedded the index gives the index's scores;
   its gradient reaches the passage encoder, the index path's does not."""
   run = Run(smoke(**JOINT), tmp_path)
-  state = train.init_state(run.model, run.tx, run.shapes, run.system.host_towers(), 0)
+  state = train_state.init_state(run.model, run.tx, run.shapes, run.system.host_towers(), 0)
   run.feeder.set_corpus(run.corpus_embeddings(state.params))
   batch = run.feeder.batch(state.params, run.system.train_questions[:8])
   assert batch["passage_input_ids"].shape == (8, 2, int(run.cfg.retriever.passage_max_length))
@@ -145,8 +145,8 @@ def test_reencoded_scores_equal_index_scores_when_the_index_is_fresh(tmp_path):
 
 def test_switching_index_versions_does_not_recompile_the_step(tmp_path):
   run = Run(smoke(**JOINT), tmp_path)
-  state = train.init_state(run.model, run.tx, run.shapes, run.system.host_towers(), 0)
-  step = train.jit_train_step(run.model, run.cfg, run.tx, run.schedule, run.shapes, run.mesh,
+  state = train_state.init_state(run.model, run.tx, run.shapes, run.system.host_towers(), 0)
+  step = train_step.jit_train_step(run.model, run.cfg, run.tx, run.schedule, run.shapes, run.mesh,
                               run.rules)
   emb = run.corpus_embeddings(state.params)
   rows = []
@@ -186,7 +186,7 @@ def test_rerank_over_every_passage_recovers_the_fresh_top_k_from_a_stale_index(t
   """Atlas's over-retrieve-then-rerank with C = N candidates scores every passage with the live
   passage encoder, so a badly stale index (random vectors) yields the fresh index's top K."""
   fresh = Run(smoke(**JOINT, **{"index.kind": kind}), tmp_path / "fresh")
-  state = train.init_state(fresh.model, fresh.tx, fresh.shapes, fresh.system.host_towers(), 0)
+  state = train_state.init_state(fresh.model, fresh.tx, fresh.shapes, fresh.system.host_towers(), 0)
   emb = fresh.corpus_embeddings(state.params)
   fresh.feeder.set_corpus(emb)
   n = len(fresh.system.passages)
@@ -209,8 +209,8 @@ def test_two_indexer_workers_split_the_corpus_and_publish_the_checkpoint_embeddi
   import subprocess
   import sys
   cfg, workdir, _ = joint_run
-  ix.clear_end_marker(workdir)
-  procs = [subprocess.Popen([sys.executable, "-m", "ragjax.main", "indexer", "--workdir",
+  versions.clear_end_marker(workdir)
+  procs = [subprocess.Popen([sys.executable, "-m", "ragjax.cli", "indexer", "--workdir",
                              str(workdir), "--shard", str(i), "--num-shards", "2",
                              "--poll-seconds", "0.2", "--idle-timeout", "4"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -218,27 +218,27 @@ def test_two_indexer_workers_split_the_corpus_and_publish_the_checkpoint_embeddi
   outs = [p.communicate(timeout=240)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], outs
   assert json.loads(outs[0].splitlines()[-1]) == {"shard": 0, "published": 1}
-  assert ix.latest_version(workdir) == 6
+  assert versions.latest_version(workdir) == 6
   run = Run(cfg, workdir)
-  emb, manifest, _ = ix.load_version(workdir, 6, expect_count=len(run.system.passages),
+  emb, manifest, _ = versions.load_version(workdir, 6, expect_count=len(run.system.passages),
                                      expect_dim=run.system.retriever.dim)
   assert manifest["num_shards"] == 2 and manifest["encoder"]["checkpoint_step"] == 6
   retriever = run.system.retriever
   retriever.params = {**retriever.params,
-                      "passage_encoder": ix.restore_passage_encoder(workdir, 6)}
+                      "passage_encoder": indexer.restore_passage_encoder(workdir, 6)}
   want = retriever.encode_passages([p.title for p in run.system.passages],
                                    [p.text for p in run.system.passages])
   np.testing.assert_allclose(emb, want, rtol=1e-5, atol=1e-6)
-  assert not list(ix.index_dir(workdir).glob(".job-*"))  # the job is cleaned up
+  assert not list(versions.index_dir(workdir).glob(".job-*"))  # the job is cleaned up
 
 
 def test_a_scann_version_is_published_with_its_index_and_searches_like_exact(tmp_path):
   rng = np.random.default_rng(0)
   emb = rng.normal(size=(300, 16)).astype(np.float32)
   ids = [f"p{i}" for i in range(300)]
-  ix.publish_version(tmp_path, 5, emb, passage_ids=ids, corpus_sha256="x", encoder={},
+  versions.publish_version(tmp_path, 5, emb, passage_ids=ids, corpus_sha256="x", encoder={},
                      index_kind="scann")
-  got, manifest, scann = ix.load_version(tmp_path, 5, expect_count=300, expect_dim=16,
+  got, manifest, scann = versions.load_version(tmp_path, 5, expect_count=300, expect_dim=16,
                                          with_scann=True)
   assert manifest["index_kind"] == "scann" and scann is not None
   q = rng.normal(size=(20, 16)).astype(np.float32)
@@ -246,7 +246,7 @@ def test_a_scann_version_is_published_with_its_index_and_searches_like_exact(tmp
   want = np.argsort(-(q @ emb.T), axis=1)[:, :5]
   assert np.mean([len(set(a) & set(b)) / 5 for a, b in zip(rows, want)]) >= 0.9
   _publish(tmp_path, 6, emb[:3])  # an exact version has no ScaNN index to load
-  assert ix.load_version(tmp_path, 6, expect_count=3, expect_dim=16, with_scann=True)[2] is None
+  assert versions.load_version(tmp_path, 6, expect_count=3, expect_dim=16, with_scann=True)[2] is None
 
 
 def test_indexer_skips_checkpoints_before_the_passage_encoder_starts(joint_run, tmp_path):
@@ -261,4 +261,4 @@ def test_indexer_skips_checkpoints_before_the_passage_encoder_starts(joint_run, 
     config["config"]["optim"]["start_steps"]["passage_encoder"] = start
     (w / "config.json").write_text(json.dumps(config))
     _publish(w, 0, np.zeros((3, 2), np.float32))
-    assert ix.Indexer(w).next_job() == want
+    assert indexer.Indexer(w).next_job() == want

@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 
 from conftest import write_tiny_bert
 from ragjax import sharding
-from ragjax.decoding import init_decode_cache
+from ragjax.decoding.beam import init_decode_cache
 from ragjax.errors import WeightImportError
 from ragjax.models import hf_import
 from ragjax.models.bert import BertEncoder

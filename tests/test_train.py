@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 
 from ragjax import config as config_lib
-from ragjax import feed, train
-from ragjax.main import main
-from ragjax.models.rag import build_context_inputs
-from ragjax.system import assemble_contexts, build_system
+from ragjax.system import feed
+from ragjax.training import optim, state as train_state, step as train_step
+from ragjax.cli import main
+from rag_helpers import build_context_inputs
+from ragjax.system.build import build_system
+from ragjax.system.inputs import assemble_contexts
 
 
 ONE_DEVICE = "(('data', 1), ('fsdp', 1), ('tensor', 1))"
@@ -69,7 +71,7 @@ def test_long_passages_are_cut_so_the_question_stays(system):
 def test_schedule_warmup_then_linear_decay():
   o = smoke().optim
   o.learning_rate, o.warmup_steps, o.schedule, o.end_lr_fraction = 1e-3, 10, "linear", 0.1
-  s = train.learning_rate_schedule(o, 110)
+  s = optim.learning_rate_schedule(o, 110)
   for step, want in ((0, 0.0), (5, 5e-4), (10, 1e-3), (60, 1e-3 - 0.5 * 9e-4), (110, 1e-4)):
     assert math.isclose(float(s(step)), want, rel_tol=1e-5, abs_tol=1e-9), step
 
@@ -82,7 +84,7 @@ def test_adamw_groups_multipliers_and_freezing():
       1e-2, 0, "constant", 0.0, 0.0
   o.lr_multipliers.query_encoder, o.lr_multipliers.generator = 0.5, 2.0
   o.freeze = ("passage_encoder",)
-  tx, _ = train.make_optimizer(o, 10)
+  tx, _ = optim.make_optimizer(o, 10)
   params = {"bi_encoder": {"query_encoder": {"w": jnp.ones((2, 3))},
                            "passage_encoder": {"w": jnp.ones((2, 3))}},
             "generator": {"w": jnp.ones((4,))}}
@@ -93,20 +95,20 @@ def test_adamw_groups_multipliers_and_freezing():
   np.testing.assert_array_equal(updates["bi_encoder"]["passage_encoder"]["w"], 0.0)
   with pytest.raises(config_lib.ConfigError, match="optim.freeze.*quary"):
     o.freeze = ("quary_encoder",)
-    train.make_optimizer(o, 10)
+    optim.make_optimizer(o, 10)
 
 
 class Harness:
   """One built run (mesh, system, optimiser, state, feeder) for step-level tests."""
 
   def __init__(self, cfg, tmp_path):
-    from ragjax.trainer import Run
+    from ragjax.training.loop import Run
     self.run = Run(cfg, tmp_path)
-    self.initial = train.init_state(self.run.model, self.run.tx, self.run.shapes,
+    self.initial = train_state.init_state(self.run.model, self.run.tx, self.run.shapes,
                                     self.run.system.host_towers(), int(cfg.seed))
     self.reset()
     self.run.feeder.set_corpus(self.run.corpus_embeddings(self.state.params))
-    self.step = train.jit_train_step(self.run.model, cfg, self.run.tx, self.run.schedule,
+    self.step = train_step.jit_train_step(self.run.model, cfg, self.run.tx, self.run.schedule,
                                      self.run.shapes, self.run.mesh, self.run.rules)
 
   def reset(self):
@@ -297,9 +299,9 @@ def test_eval_and_generate_commands(trained, capsys):
   report = json.loads((tmp_path / "eval" / "step_2.eval.max8.json").read_text())
   assert printed["exact_match"] == report["exact_match"] and report["num_questions"] == 8
   assert json.loads((tmp_path / "eval" / "step_2.json").read_text())["num_questions"] == 16
-  from ragjax import metrics
+  from ragjax.evaluation import metrics as em_metrics
   ex = report["examples"]
-  assert report["exact_match"] == np.mean([metrics.exact_match(e["prediction"], e["answers"])
+  assert report["exact_match"] == np.mean([em_metrics.exact_match(e["prediction"], e["answers"])
                                            for e in ex])
   assert main(["generate", "--workdir", w, "--json", "Where was Ximena Costa born?"]) == 0
   out = json.loads(capsys.readouterr().out)
@@ -315,7 +317,7 @@ def test_scann_on_the_host_feeds_the_step_batch_like_exact_search(h1):
   scann.set_corpus(dev.run.corpus_embeddings(dev.state.params))
   qs = dev.run.system.train_questions[:16]
   a, b = dev.run.feeder.batch(dev.state.params, qs), scann.batch(dev.state.params, qs)
-  for key in train.batch_shapes(dev.run.cfg, dev.run.model, dev.run.mesh, dev.run.rules):
+  for key in train_step.batch_shapes(dev.run.cfg, dev.run.model, dev.run.mesh, dev.run.rules):
     assert a[key].shape == b[key].shape and a[key].dtype == b[key].dtype, key
   same = np.mean(np.asarray(a["doc_ids"])[:, 0] == np.asarray(b["doc_ids"])[:, 0])
   assert same >= 0.9, same

@@ -41,7 +41,7 @@ def env(tmp_path_factory):
 
 
 def train_cmd(workdir, *overrides):
-  return [sys.executable, "-m", "ragjax.main", "train", "--config", "experiments/bios.py:smoke",
+  return [sys.executable, "-m", "ragjax.cli", "train", "--config", "experiments/bios.py:smoke",
           "--workdir", str(workdir), *COMMON, *overrides]
 
 

@@ -13,7 +13,7 @@ import pathlib
 import re
 from typing import Iterator
 
-from ragjax import metrics
+from ragjax.data.answers import compile_answer_regex
 from ragjax.data import corpus
 from ragjax.data.corpus import ErrorPolicy, type_name
 from ragjax.errors import DataError
@@ -104,7 +104,7 @@ def _answer_list(v, *, path, line, field, regex: bool, require: bool) -> tuple[s
                       field=field)
     if regex:
       try:
-        metrics.compile_answer_regex(a)
+        compile_answer_regex(a)
       except ValueError as e:
         raise DataError(f"answer {i}: {e}", path=path, line=line, field=field) from None
   if require and not v:

@@ -19,6 +19,8 @@ from typing import Sequence
 import numpy as np
 import tokenizers
 
+from ragjax.errors import NotFoundError
+
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512)
 
 
@@ -72,7 +74,7 @@ class WordPieceTokenizer:
     (default True, as in BERT-uncased).
 
     Raises:
-      FileNotFoundError: neither file exists in `path`.
+      NotFoundError (a FileNotFoundError): neither file exists in `path`.
     """
     path = pathlib.Path(path)
     if (path / "tokenizer.json").is_file():
@@ -85,7 +87,7 @@ class WordPieceTokenizer:
       tok = tokenizers.BertWordPieceTokenizer(str(path / "vocab.txt"), lowercase=lower)
       tok = tok._tokenizer  # the underlying tokenizers.Tokenizer
     else:
-      raise FileNotFoundError(f"{path}: no tokenizer.json or vocab.txt to build a WordPiece "
+      raise NotFoundError(f"{path}: no tokenizer.json or vocab.txt to build a WordPiece "
                               "tokenizer from")
     return cls(tok, max_length=max_length, buckets=buckets)
 

@@ -5,9 +5,8 @@ NLP Tasks", arXiv:2005.11401): a DPR bi-encoder retriever and a seq2seq generato
   retriever (§2.2, DPR eq. 1):  score(x, z) = d(z)ᵀ q(x),  p_eta(z|x) = softmax_z over the top K
   generator (§2.3):             p_theta(y_i | x, z, y_<i), input "title / passage // question"
 
-    model, params = load_rag("dpr_question_encoder/", "bart/")
-    ids_bkl, mask_bkl = build_context_inputs(titles_bk, texts_bk, questions_b, bart_tok, 128,
-                                             pad_id=1)
+    model = RagModel(query_cfg, generator_cfg, passage_cfg=passage_cfg)
+    params = {"bi_encoder": {"query_encoder": q, "passage_encoder": p}, "generator": g}
     loss_fn = functools.partial(rag_loss, model, loss_name="rag_token", label_smoothing=0.1)
     (loss, aux), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, batch)
 
@@ -15,31 +14,24 @@ Given query tokens and retrieved passage embeddings, the loss re-runs the query 
 recomputes the doc scores from the live q(x), so gradients reach it (RAG §2.4 "Training": the
 document encoder and index stay fixed, the query encoder and the generator are fine-tuned);
 given passage tokens instead, it re-encodes the retrieved passages with the passage encoder,
-which then trains too. Decoding lives in `ragjax.rag_decoding`. Equations are numbered as in
-`ragjax.losses` (eq. 1 retriever prior, eq. 2 RAG-Sequence, eq. 3 RAG-Token). Parameters:
-`{"bi_encoder": {"query_encoder", "passage_encoder"}, "generator": Seq2Seq params}`
-(`assemble_params`).
+which then trains too. Decoding lives in `ragjax.decoding.rag`; the generator inputs `[B, K, L]`
+are assembled by `ragjax.system.inputs`. Equations are numbered as in
+`ragjax.objectives.rag_losses` (eq. 1 retriever prior, eq. 2 RAG-Sequence, eq. 3 RAG-Token).
+Parameters: `{"bi_encoder": {"query_encoder", "passage_encoder"}, "generator": Seq2Seq params}`.
 """
 from __future__ import annotations
-
-import pathlib
-from typing import Any, NamedTuple, Protocol, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax.core import meta
 
-from ragjax import losses
 from ragjax import sharding as sh
-from ragjax.data.tokenize import WordPieceTokenizer
 from ragjax.models.bert import BertConfig, BiEncoder
 from ragjax.models.seq2seq import Seq2Seq, Seq2SeqConfig
-from ragjax.retrieval.index import topk_chunked
+from ragjax.objectives import rag_losses as losses
 
 Array = jax.Array
-TITLE_SEP, DOC_SEP = " / ", " // "  # HF RagConfig.title_sep / doc_sep
 
 
 class RagModel(nn.Module):
@@ -145,148 +137,6 @@ def init_params(model: RagModel, rng: Array, *, boxed: bool = False):
   return params if boxed else meta.unbox(params)
 
 
-def assemble_params(query_params, generator_params, passage_params=None) -> dict:
-  """RAG params from separately loaded towers (e.g. `load_bert_dir` / `load_seq2seq_dir`).
-  `passage_params=None` leaves the passage tower out: only valid with `shared_encoders=True`,
-  or when the passage encoder is never applied (doc scores from precomputed embeddings)."""
-  towers = {"query_encoder": query_params}
-  if passage_params is not None:
-    towers["passage_encoder"] = passage_params
-  return {"bi_encoder": towers, "generator": generator_params}
-
-
-def load_rag(question_encoder_dir, generator_dir, passage_encoder_dir=None,
-             **generator_overrides) -> tuple[RagModel, dict]:
-  """`(RagModel, params)` from HF checkpoint directories: a DPR/BERT question encoder (pooled
-  [CLS], as HF RAG uses `pooler_output`), a BART/T5 generator, optionally a passage encoder.
-
-  Raises: WeightImportError (from the importers) on missing or mis-shaped tensors.
-  """
-  from ragjax.models.hf_import import load_bert_dir
-  from ragjax.models.seq2seq_import import load_seq2seq_dir
-  q_cfg, q_params = load_bert_dir(pathlib.Path(question_encoder_dir), pooling="cls",
-                                  normalize=False)
-  g_cfg, g_params = load_seq2seq_dir(pathlib.Path(generator_dir), **generator_overrides)
-  p_cfg, p_params = None, None
-  if passage_encoder_dir is not None:
-    p_cfg, p_params = load_bert_dir(pathlib.Path(passage_encoder_dir), pooling="cls",
-                                    normalize=False)
-  model = RagModel(q_cfg, g_cfg, passage_cfg=p_cfg)
-  return model, assemble_params(q_params, g_params, p_params)
-
-
-# ------------------------------------------------------------------------ generator inputs (host)
-
-class TextTokenizer(Protocol):
-  """What `build_context_inputs` needs: a `tokenizers.Tokenizer`-like `encode_batch(texts)`
-  whose results have `.ids` (special tokens added, no padding or truncation). A
-  `ragjax.data.tokenize.WordPieceTokenizer` is accepted as well."""
-
-  def encode_batch(self, texts: list[str]) -> Sequence[Any]: ...
-
-
-def context_strings(titles_bk: Sequence[Sequence[str]], texts_bk: Sequence[Sequence[str]],
-                    questions_b: Sequence[str], *, prefix: str | None = None,
-                    title_sep: str = TITLE_SEP, doc_sep: str = DOC_SEP) -> list[list[str]]:
-  """The generator's input text per (example, passage): `prefix + title / text // question`,
-  exactly HF `RagRetriever.postprocess_docs`: one leading and one trailing `"` stripped from the
-  title, then every double space replaced by one (Python `str.replace`, a single pass).
-
-  Raises: ValueError when the three inputs disagree in B, or titles and texts in K.
-  """
-  if not len(titles_bk) == len(texts_bk) == len(questions_b):
-    raise ValueError(f"{len(titles_bk)} title rows, {len(texts_bk)} text rows and "
-                     f"{len(questions_b)} questions: expected one row per question")
-  out = []
-  for b, (titles_k, texts_k, question) in enumerate(zip(titles_bk, texts_bk, questions_b)):
-    if len(titles_k) != len(texts_k):
-      raise ValueError(f"example {b}: {len(titles_k)} titles but {len(texts_k)} passages")
-    out.append([((prefix or "") + title.removeprefix('"').removesuffix('"') + title_sep + text
-                 + doc_sep + question).replace("  ", " ")
-                for title, text in zip(titles_k, texts_k)])
-  return out
-
-
-def build_context_inputs(titles_bk: Sequence[Sequence[str]], texts_bk: Sequence[Sequence[str]],
-                         questions_b: Sequence[str], tokenizer: TextTokenizer | WordPieceTokenizer,
-                         max_length: int, *, pad_id: int | None = None, prefix: str | None = None,
-                         title_sep: str = TITLE_SEP, doc_sep: str = DOC_SEP
-                         ) -> tuple[np.ndarray, np.ndarray]:
-  """Tokenized generator inputs `(ids [B, K, max_length] int32, mask [B, K, max_length] int32)`
-  of `context_strings(...)` with the GENERATOR's tokenizer, on the host (static shapes).
-
-  Truncation keeps the first `max_length - 1` tokens and the last one (the closing special token,
-  `</s>` / `[SEP]`), which is what HF's `truncation=True, padding="max_length"` gives for a
-  single sequence with one trailing special token; then right-padding with `pad_id` (default:
-  the tokenizer's `pad_id` attribute, or its `<pad>`/`[PAD]` token) and mask 0.
-
-  Raises:
-    ValueError: ragged K, max_length < 2, no pad id, or a `tokenizers.Tokenizer` with padding or
-      truncation switched on (call `no_padding()` / `no_truncation()` on a copy first).
-  """
-  if max_length < 2:
-    raise ValueError(f"max_length must be >= 2, got {max_length}")
-  strings = context_strings(titles_bk, texts_bk, questions_b, prefix=prefix,
-                            title_sep=title_sep, doc_sep=doc_sep)
-  b = len(strings)
-  k = len(strings[0]) if b else 0
-  if any(len(row) != k for row in strings):
-    raise ValueError(f"every example needs the same number of passages K; got "
-                     f"{[len(row) for row in strings]}")
-  flat = [s for row in strings for s in row]
-  if isinstance(tokenizer, WordPieceTokenizer):  # same truncation rule, its own pad id
-    batch = tokenizer.encode(flat, max_length=max_length, length=max_length)
-    return (batch.input_ids.reshape(b, k, max_length),
-            batch.attention_mask.reshape(b, k, max_length))
-  if getattr(tokenizer, "padding", None) or getattr(tokenizer, "truncation", None):
-    raise ValueError("build_context_inputs: the tokenizer has padding or truncation enabled; "
-                     "pass a copy with no_padding() and no_truncation() (shapes are set here)")
-  if pad_id is None:
-    pad_id = getattr(tokenizer, "pad_id", None)
-    for token in ("<pad>", "[PAD]"):
-      if pad_id is None and hasattr(tokenizer, "token_to_id"):
-        pad_id = tokenizer.token_to_id(token)
-  if pad_id is None:
-    raise ValueError("build_context_inputs: no pad id; pass pad_id= (the generator's)")
-  ids = np.full((b * k, max_length), pad_id, np.int32)
-  mask = np.zeros((b * k, max_length), np.int32)
-  for i, enc in enumerate(tokenizer.encode_batch(flat)):
-    row = list(enc.ids)
-    if len(row) > max_length:
-      row = row[:max_length - 1] + row[-1:]
-    ids[i, :len(row)] = row
-    mask[i, :len(row)] = 1
-  return ids.reshape(b, k, max_length), mask.reshape(b, k, max_length)
-
-
-# ---------------------------------------------------------------------------------- retrieval
-
-class TopK(NamedTuple):
-  """`doc_ids` `[B, K]` int32 (corpus rows, best first), `scores` `[B, K]` float32 (q·d),
-  `embeddings` `[B, K, D]` (the corpus rows, for `RagModel.retrieve_scores`)."""
-  doc_ids: Array
-  scores: Array
-  embeddings: Array
-
-
-def device_top_k(query_bd: Array, corpus_nd: Array, k: int, *, chunk: int = 65536) -> TopK:
-  """Exact MIPS top-k (DPR eq. 1) on the device holding `corpus_nd` `[N, D]` (it must fit in its
-  memory; the score matrix is built `chunk` rows at a time, `topk_chunked`). Jittable with `k`
-  and `chunk` static; `query_bd` `[B, D]`. No gradient flows through the selection: recompute
-  scores from the live query encoder with `RagModel.retrieve_scores(.., TopK.embeddings)`.
-
-  Raises: ValueError when k < 1, k > N or the dimensions differ.
-  """
-  n, d = corpus_nd.shape
-  if not 1 <= k <= n:
-    raise ValueError(f"device_top_k: k={k} must be in [1, N={n}]")
-  if query_bd.shape[-1] != d:
-    raise ValueError(f"device_top_k: queries {query_bd.shape} and corpus {corpus_nd.shape} "
-                     "differ in dimension")
-  scores_bk, rows_bk = topk_chunked(jax.lax.stop_gradient(query_bd), corpus_nd, k, chunk=chunk)
-  return TopK(rows_bk.astype(jnp.int32), scores_bk, jnp.take(corpus_nd, rows_bk, axis=0))
-
-
 # ---------------------------------------------------------------------------------- the loss
 
 def batch_targets(batch: dict, pad_id: int) -> tuple[Array, Array, Array]:
@@ -334,7 +184,7 @@ def rag_loss(model: RagModel, params, batch: dict, loss_name: str = "rag_token",
 
   doc scores `[B, K]` from `batch_doc_scores` (live query encoder: RAG §2.4), generator logits
   `[B, K, T, V]` on `context_input_ids` / `context_attention_mask` `[B, K, L]`, targets from
-  `batch_targets`, then `losses.get_loss_fn(loss_name)` (RAG eq. 1-3 as in `ragjax.losses`:
+  `batch_targets`, then `losses.get_loss_fn(loss_name)` (RAG eq. 1-3 as in `ragjax.objectives.rag_losses`:
   HF's get_nll, token-summed NLL per example; `reduce` "mean" | "sum" | "none").
 
   aux (float32 scalars, batch means): `retrieval_entropy` H(p_eta(z|x)) (log K = uniform,

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.linen import partitioning as nn_partitioning
 
+from ragjax import sharding
 from ragjax.data.tokenize import WordPieceTokenizer
 from ragjax.errors import WeightImportError
 from ragjax.models import hf_import
@@ -51,7 +52,6 @@ class Retriever:
     """Place the parameters on `mesh` by their logical axes (`rules`, default
     `sharding.DEFAULT_AXIS_RULES`) and shard every encoded batch over the `batch` rule.
     Batch sizes must then be divisible by the number of batch shards."""
-    from ragjax import sharding
     self.mesh, self.rules = mesh, tuple(rules or sharding.DEFAULT_AXIS_RULES)
     self.param_shardings = {}
     for side, cfg in (("query", self.query_cfg), ("passage", self.passage_cfg)):
@@ -75,7 +75,6 @@ class Retriever:
       if self.mesh is None:
         self._encode[side] = jax.jit(apply)
       else:
-        from ragjax import sharding
         batch_sh = sharding.batch_sharding(self.mesh, self.rules)
         jitted = jax.jit(apply, in_shardings=(self.param_shardings[side], batch_sh, batch_sh),
                          out_shardings=batch_sh)

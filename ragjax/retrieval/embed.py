@@ -23,7 +23,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ragjax.errors import IndexFormatError
-from ragjax.retrieval.index import atomic_file, read_manifest, write_json_atomic
+from ragjax.fsutil import atomic_file, write_json_atomic
+from ragjax.retrieval.index import read_manifest
 
 FORMAT = "ragjax.embeddings/1"
 

@@ -2,19 +2,44 @@
 
 Two measures per k (Karpukhin et al. 2020, sec. 5.1, "top-k retrieval accuracy"):
   gold:   a gold passage id of the question is among the top k (when questions carry gold ids)
-  answer: a top-k passage's text contains an answer (`ragjax.metrics.has_answer`: SQuAD-normalised
+  answer: a top-k passage's text contains an answer (`ragjax.data.answers.has_answer`: SQuAD-normalised
           token run; regex search for CuratedTREC)
 """
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from ragjax import metrics
-from ragjax.retrieval.index import Index
+from ragjax.data.answers import has_answer
+from ragjax.retrieval.index import ExactIndex, Index
+
+
+def recall_at_k(hits_nk: np.ndarray, ks: Iterable[int]) -> dict[str, float]:
+  """Fraction of rows (queries) with a hit among their first k columns (ranked results).
+
+  hits_nk: bool [N, K]; hits_nk[i, j] = result j of query i contains an answer. Returns
+  {str(k): mean_i any(hits_nk[i, :k])} (DPR "top-k retrieval accuracy", Karpukhin et al. 2020).
+  Raises: TypeError (not a bool array); ValueError (not 2-D, N == 0, a k < 1 or k > K).
+  """
+  hits_nk = np.asarray(hits_nk)
+  if hits_nk.dtype != np.bool_:
+    raise TypeError(f"hits_nk must be a bool array, got dtype {hits_nk.dtype}")
+  if hits_nk.ndim != 2:
+    raise ValueError(f"hits_nk must be 2-D [N, K], got shape {hits_nk.shape}")
+  n, k_max = hits_nk.shape
+  if n == 0:
+    raise ValueError("hits_nk has no rows; recall@k is undefined")
+  first_hit_n = np.where(hits_nk.any(axis=1), hits_nk.argmax(axis=1), k_max)  # [N]
+  out = {}
+  for k in ks:
+    k = int(k)
+    if not 1 <= k <= k_max:
+      raise ValueError(f"k={k} outside 1..K={k_max} (hits_nk has {k_max} columns)")
+    out[str(k)] = float(np.mean(first_hit_n < k))
+  return out
 
 
 def build_index(kind: str, passages, retriever=None, embeddings=None, batch_size: int = 64,
@@ -24,8 +49,7 @@ def build_index(kind: str, passages, retriever=None, embeddings=None, batch_size
   Dense kinds embed the passages with `retriever` unless `embeddings [N, D]` are given.
   Returns `(index, timings)` with `embed_seconds` and `build_seconds`.
   """
-  from ragjax.retrieval.bm25_index import BM25Index
-  from ragjax.retrieval.index import ExactIndex
+  from ragjax.retrieval.bm25_index import BM25Index  # optional back-ends: imported on use
   from ragjax.retrieval.scann_index import ScannIndex
   kinds = {"exact": ExactIndex, "scann": ScannIndex, "bm25": BM25Index}
   if kind not in kinds:
@@ -75,12 +99,12 @@ def recall_report(passages, questions, rows_nk: np.ndarray, ks: Sequence[int]) -
     ids = np.asarray([p.id for p in passages], dtype=object)
     hits = np.array([np.isin(ids[r], list(q.gold_passage_ids))
                      for q, r in zip(questions, rows_nk)], dtype=bool).reshape(rows_nk.shape)
-    out["gold"] = metrics.recall_at_k(hits, ks)
+    out["gold"] = recall_at_k(hits, ks)
   hits = np.zeros(rows_nk.shape, dtype=bool)
   for i, (q, r) in enumerate(zip(questions, rows_nk)):
     for j, row in enumerate(r):
-      hits[i, j] = metrics.has_answer(passages[row].text, q.answers, regex=q.answers_are_regex)
-  out["answer"] = metrics.recall_at_k(hits, ks)
+      hits[i, j] = has_answer(passages[row].text, q.answers, regex=q.answers_are_regex)
+  out["answer"] = recall_at_k(hits, ks)
   return out
 
 

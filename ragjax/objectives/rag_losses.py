@@ -42,6 +42,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ragjax.config import LOSSES
+
 _REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -302,9 +304,6 @@ def top1_nll(logits_bktv: jax.Array, doc_scores_bk: jax.Array, targets_bt: jax.A
   logits_btv = jnp.take_along_axis(logits_bktv, best_b[:, None, None, None], axis=1)[:, 0]
   return seq2seq_nll(logits_btv, targets_bt, target_mask_bt, label_smoothing=label_smoothing,
                      reduce=reduce)
-
-
-LOSSES = ("rag_sequence", "rag_token", "top1", "closed_book")
 
 
 def get_loss_fn(name: str) -> Callable[..., jax.Array]:

@@ -33,8 +33,16 @@ import time
 from typing import Any, Sequence
 
 import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
+from ragjax import config as config_lib
 from ragjax import sharding
+from ragjax.errors import ConfigError
+from ragjax.system.build import abstract_model
+from ragjax.training.optim import make_optimizer
+from ragjax.training.state import abstract_state
+from ragjax.training.step import batch_shapes, jit_train_step
 
 GiB = 1 << 30
 
@@ -348,3 +356,31 @@ def format_report(report: dict) -> str:
   used = {k: v for k, v in report["collectives"].items() if v}
   lines.append(f"  collectives {used or 'none'}; compiled in {report['compile_seconds']:.2f} s")
   return "\n".join(lines)
+
+
+def compile_for_topology(cfg, topology: str, chip: str | None = None) -> dict:
+  """Ahead-of-time compile the train step of `cfg` for a TPU slice this machine does not have
+  (libtpu compile-only devices, above) and return `compile_report` (bytes per device, HBM,
+  `fits`, FLOPs, collectives). The model comes from `system.build.abstract_model` (all
+  towers "random" with explicit sizes): nothing is loaded, nothing allocated.
+
+  Raises: ConfigError (mesh / batch / model config), ImportError (libtpu missing).
+  """
+  try:
+    mesh = tpu_mesh(topology, [(str(n), int(s)) for n, s in cfg.mesh.axes], chip=chip)
+  except ValueError as e:
+    raise ConfigError(f"mesh on {topology}: {e}") from None
+  config_lib.validate(cfg, mesh, data=False)
+  rules = sharding.check_rules(config_lib.normalized_axis_rules(cfg), mesh)
+  model = abstract_model(cfg)
+  tx, schedule = make_optimizer(cfg.optim, int(cfg.train.total_steps))
+  shapes = abstract_state(model, tx, mesh, rules, log_fn=lambda _: None)
+  step = jit_train_step(model, cfg, tx, schedule, shapes, mesh, rules)
+  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
+                             sharding=NamedSharding(mesh, PartitionSpec()))
+  lowered = step.lower(shapes.state, batch_shapes(cfg, model, mesh, rules), rng)
+  report = compile_report(lowered)
+  report.update(topology=topology, mesh=dict(mesh.shape),
+                num_params=int(sum(np.prod(x.shape) for x in jax.tree.leaves(
+                    shapes.state.params))))
+  return report

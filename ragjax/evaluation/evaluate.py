@@ -1,6 +1,6 @@
 """Evaluation of a RAG system: retrieve, decode, score.
 
-For each question: top-k passages from the current query encoder (`ragjax.feed.Feeder`, the
+For each question: top-k passages from the current query encoder (`ragjax.system.feed.Feeder`, the
 same retrieval the train step sees), an answer decoded by `cfg.eval.decoding` (RAG-Token beam
 search or greedy; RAG-Sequence "thorough" or "fast"; for the `top1` loss the generator reads the
 best passage only; `closed_book` reads the question alone), and:
@@ -8,7 +8,7 @@ best passage only; `closed_book` reads the question alone), and:
 * exact match and token F1 after SQuAD answer normalisation (Rajpurkar et al. 2016, the
   official evaluation script), or regex match for regex answers (CuratedTREC: EM = F1 = match);
 * answer recall@k: a retrieved passage among the first k contains a normalised answer
-  (DPR's `has_answer`; `ragjax.metrics`).
+  (DPR's `has_answer`; `ragjax.data.answers`).
 
 Batches are global arrays (each process decodes its share), so this runs unchanged on a mesh or
 several processes.
@@ -23,12 +23,13 @@ import numpy as np
 from flax.linen import partitioning as nn_partitioning
 from jax.experimental import multihost_utils
 
-from ragjax import metrics
+from ragjax.config import DECODINGS
+from ragjax.data.answers import has_answer, regex_match
 from ragjax.data.qa import Question
-from ragjax.feed import Feeder
-from ragjax.rag_decoding import rag_sequence_generate, rag_token_generate
-
-DECODINGS = ("rag_token", "rag_sequence_fast", "rag_sequence_thorough")
+from ragjax.decoding.rag import rag_sequence_generate, rag_token_generate
+from ragjax.evaluation.metrics import exact_match, f1
+from ragjax.retrieval.evaluate import recall_at_k
+from ragjax.system.feed import Feeder
 
 
 def gather(x) -> np.ndarray:
@@ -95,21 +96,21 @@ def evaluate(feeder: Feeder, params, questions: Sequence[Question], ecfg, step: 
   em, f1s = [], []
   for q, pred in zip(questions, preds):
     if q.answers_are_regex:
-      hit = float(any(metrics.regex_match(pred, a) for a in q.answers))
+      hit = float(any(regex_match(pred, a) for a in q.answers))
       em.append(hit)
       f1s.append(hit)
     else:
-      em.append(metrics.exact_match(pred, q.answers))
-      f1s.append(metrics.f1(pred, q.answers))
+      em.append(exact_match(pred, q.answers))
+      f1s.append(f1(pred, q.answers))
   out = {"step": int(step), "num_questions": len(questions), "decoding": ecfg.decoding,
          "loss": system.cfg.model.loss, "exact_match": float(np.mean(em)),
          "f1": float(np.mean(f1s))}
   if not system.closed_book:
-    hits = np.array([[metrics.has_answer(system.passages[r].text, q.answers,
+    hits = np.array([[has_answer(system.passages[r].text, q.answers,
                                          regex=q.answers_are_regex) for r in row]
                      for q, row in zip(questions, rows)], dtype=bool)
     ks = [k for k in ecfg.recall_ks if k <= hits.shape[1]]
-    out["answer_recall"] = metrics.recall_at_k(hits, ks)
+    out["answer_recall"] = recall_at_k(hits, ks)
   out["seconds"] = round(time.perf_counter() - t0, 2)
   out["examples"] = [{"question": q.question, "answers": list(q.answers), "prediction": p,
                       "passages": ([system.passages[r].id for r in row[:system.k]]

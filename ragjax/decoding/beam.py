@@ -28,7 +28,7 @@ from ragjax.models.seq2seq import PER_SEQUENCE_CACHE, Seq2Seq, Seq2SeqConfig
 Array = jax.Array
 StepFn = Callable[[Array, Any, Array], tuple[Array, Any]]
 _NEG = -1.0e9  # HF's "very large negative" for disabled beams (not -inf: it must stay finite)
-_FROM_CONFIG = "config"
+FROM_CONFIG = "config"
 
 
 class BeamSearchOutput(NamedTuple):
@@ -194,16 +194,24 @@ def seq2seq_step_fn(model: Seq2Seq, params) -> StepFn:
   return step
 
 
-def _check(cfg: Seq2SeqConfig, max_new_tokens: int):
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+def check_generation(cfg: Seq2SeqConfig, max_new_tokens: int, num_beams: int = 1) -> None:
+  """The one bound on a decode: `num_beams`, `max_new_tokens` >= 1, and for BART's learned
+  positions `max_new_tokens <= max_position_embeddings` (the decoder reads positions 0 ..
+  max_new_tokens - 1: the start token, then every generated token but the last; T5's relative
+  positions have no bound).
+
+  Raises: ValueError saying which bound is broken.
+  """
+  if num_beams < 1 or max_new_tokens < 1:
+    raise ValueError(f"num_beams ({num_beams}) and max_new_tokens ({max_new_tokens}) must be >= 1")
   if cfg.arch == "bart" and max_new_tokens > cfg.max_position_embeddings:
     raise ValueError(f"max_new_tokens {max_new_tokens} exceeds max_position_embeddings "
                      f"{cfg.max_position_embeddings}")
 
 
-def _resolve(value, default):
-  return default if isinstance(value, str) and value == _FROM_CONFIG else value
+def resolve(value, default):
+  """`default` (the generator config's value) when `value` is the `FROM_CONFIG` marker."""
+  return default if isinstance(value, str) and value == FROM_CONFIG else value
 
 
 @functools.lru_cache(maxsize=64)
@@ -223,8 +231,8 @@ def _greedy_fn(cfg: Seq2SeqConfig, max_new_tokens: int, forced_bos, forced_eos):
 
 
 def greedy_search(model: Seq2Seq, params, input_ids, attention_mask, max_new_tokens: int, *,
-                  forced_bos_token_id: int | None | str = _FROM_CONFIG,
-                  forced_eos_token_id: int | None | str = _FROM_CONFIG) -> Array:
+                  forced_bos_token_id: int | None | str = FROM_CONFIG,
+                  forced_eos_token_id: int | None | str = FROM_CONFIG) -> Array:
   """Greedy decoding (HF `generate(do_sample=False, num_beams=1)`).
 
   Args: `input_ids` / `attention_mask` `[B, S]`; forced token ids default to the model config's
@@ -235,9 +243,9 @@ def greedy_search(model: Seq2Seq, params, input_ids, attention_mask, max_new_tok
     ValueError: max_new_tokens < 1, or beyond BART's position table.
   """
   cfg = model.cfg
-  _check(cfg, max_new_tokens)
-  fn = _greedy_fn(cfg, max_new_tokens, _resolve(forced_bos_token_id, cfg.forced_bos_token_id),
-                  _resolve(forced_eos_token_id, cfg.forced_eos_token_id))
+  check_generation(cfg, max_new_tokens)
+  fn = _greedy_fn(cfg, max_new_tokens, resolve(forced_bos_token_id, cfg.forced_bos_token_id),
+                  resolve(forced_eos_token_id, cfg.forced_eos_token_id))
   return fn(params, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32))
 
 
@@ -265,8 +273,8 @@ def _beam_fn(cfg: Seq2SeqConfig, num_beams: int, max_new_tokens: int, length_pen
 def beam_search(model: Seq2Seq, params, input_ids, attention_mask, num_beams: int,
                 max_new_tokens: int, length_penalty: float = 1.0,
                 early_stopping: bool | str = False, *,
-                forced_bos_token_id: int | None | str = _FROM_CONFIG,
-                forced_eos_token_id: int | None | str = _FROM_CONFIG) -> BeamSearchOutput:
+                forced_bos_token_id: int | None | str = FROM_CONFIG,
+                forced_eos_token_id: int | None | str = FROM_CONFIG) -> BeamSearchOutput:
   """Beam search (HF `generate(do_sample=False, num_beams=num_beams)`; HF's defaults
   length_penalty=1.0, early_stopping=False).
 
@@ -280,12 +288,12 @@ def beam_search(model: Seq2Seq, params, input_ids, attention_mask, num_beams: in
     ValueError: num_beams < 1, max_new_tokens < 1 or beyond BART's position table.
   """
   cfg = model.cfg
-  _check(cfg, max_new_tokens)
+  check_generation(cfg, max_new_tokens)
   if num_beams < 1:
     raise ValueError(f"num_beams must be >= 1, got {num_beams}")
   if early_stopping not in (True, False, "never"):
     raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
   fn = _beam_fn(cfg, num_beams, max_new_tokens, float(length_penalty), early_stopping,
-                _resolve(forced_bos_token_id, cfg.forced_bos_token_id),
-                _resolve(forced_eos_token_id, cfg.forced_eos_token_id))
+                resolve(forced_bos_token_id, cfg.forced_bos_token_id),
+                resolve(forced_eos_token_id, cfg.forced_eos_token_id))
   return fn(params, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32))

@@ -19,6 +19,9 @@ import os
 import pathlib
 import sys
 import time
+import traceback
+
+from ragjax.errors import RagjaxError, UsageError
 
 
 def _ks(text: str) -> list[int]:
@@ -36,7 +39,7 @@ def _params(pairs: list[str]) -> dict:
   for pair in pairs or []:
     key, sep, value = pair.partition("=")
     if not sep:
-      raise SystemExit(f"--param {pair!r}: expected key=value")
+      raise UsageError(f"--param {pair!r}: expected key=value")
     try:
       out[key] = json.loads(value)
     except json.JSONDecodeError:
@@ -52,7 +55,7 @@ def _load_corpus(path, skip_invalid: bool = False, split_words: int = 0):
   if pathlib.Path(path).is_dir():
     from ragjax.data.tfds_store import CorpusSource
     if split_words:
-      raise SystemExit(f"{path}: --split-words applies to corpus files, not to a stored dataset")
+      raise UsageError(f"{path}: --split-words applies to corpus files, not to a stored dataset")
     return CorpusSource(path)
   passages = corpus.read_passages(path, skip_invalid=skip_invalid)
   if split_words:
@@ -66,7 +69,7 @@ def cmd_store(args):
   from ragjax.data.corpus import iter_passages
   from ragjax.data.qa import iter_questions
   if bool(args.corpus) == bool(args.questions):
-    raise SystemExit("ragjax store: give exactly one of --corpus FILE or --questions FILE")
+    raise UsageError("ragjax store: give exactly one of --corpus FILE or --questions FILE")
   if args.corpus:
     path = tfds_store.build_corpus_dataset(iter_passages(args.corpus), args.out, name=args.name,
                                            overwrite=args.overwrite)
@@ -108,16 +111,16 @@ def cmd_index(args):
     embeddings, ids, emb_manifest = load_embeddings(args.embeddings)
     encoder = emb_manifest["encoder"]
     if passages is not None and [p.id for p in passages] != list(ids):
-      raise SystemExit(f"{args.embeddings}: passage ids differ from {args.corpus}")
+      raise UsageError(f"{args.embeddings}: passage ids differ from {args.corpus}")
     if passages is None:  # dense indexes need only the ids; retrieve reads texts via --corpus
       from ragjax.data.corpus import Passage
       passages = [Passage(i, "", "") for i in ids]
   elif args.kind != "bm25":
     if passages is None:
-      raise SystemExit("ragjax index: give --embeddings DIR, or --corpus FILE with --retriever")
+      raise UsageError("ragjax index: give --embeddings DIR, or --corpus FILE with --retriever")
     retriever = _load_retriever(args.retriever, args.max_length)
   elif passages is None:
-    raise SystemExit("ragjax index --kind bm25: needs --corpus FILE")
+    raise UsageError("ragjax index --kind bm25: needs --corpus FILE")
   index, timings = build_index(args.kind, passages, retriever, embeddings=embeddings,
                                batch_size=args.batch_size, **params)
   if args.embeddings:
@@ -130,18 +133,18 @@ def cmd_index(args):
 
 
 def cmd_retrieve(args):
-  from ragjax.retrieval.index import load_index
+  from ragjax.retrieval.registry import load_index
   index = load_index(args.index)
   corpus = args.corpus or index.manifest.get("corpus")
   if not corpus:
-    raise SystemExit(f"{args.index}: the index does not name its corpus; pass --corpus FILE")
+    raise UsageError(f"{args.index}: the index does not name its corpus; pass --corpus FILE")
   passages = {p.id: p for p in _load_corpus(corpus, split_words=index.manifest.get("split_words", 0))}
   if index.kind == "bm25":
     queries = [args.question]
   else:
     spec = args.retriever or (index.manifest.get("encoder") or {}).get("name")
     if not spec:
-      raise SystemExit(f"{args.index}: the index does not name its encoder; pass --retriever")
+      raise UsageError(f"{args.index}: the index does not name its encoder; pass --retriever")
     queries = _load_retriever(spec, args.max_length).encode_queries([args.question])
   scores, ids = index.search(queries, args.k)
   results = [{"rank": r + 1, "score": float(s), "id": str(i), "title": passages[i].title,
@@ -170,9 +173,9 @@ def cmd_eval_retrieval(args):
     from ragjax.retrieval.embed import load_embeddings
     embeddings, ids, manifest = load_embeddings(args.embeddings)
     if list(ids) != [p.id for p in passages]:
-      raise SystemExit(f"{args.embeddings}: passage ids differ from {args.corpus}")
+      raise UsageError(f"{args.embeddings}: passage ids differ from {args.corpus}")
     if manifest["encoder"] != retriever.identity:
-      raise SystemExit(f"{args.embeddings}: embedded with {manifest['encoder']}, not with "
+      raise UsageError(f"{args.embeddings}: embedded with {manifest['encoder']}, not with "
                        f"{retriever.identity}")
   t0 = time.perf_counter()
   report = evaluate_retrieval(passages, questions, retriever, kind, args.k,
@@ -212,7 +215,7 @@ def _distributed(args):
 
 def cmd_train(args):
   from ragjax import config as config_lib
-  from ragjax.trainer import train
+  from ragjax.training.loop import train
   _setup_logging()
   cfg = config_lib.apply_overrides(config_lib.load_config(args.config), args.overrides)
   _distributed(args)
@@ -224,10 +227,10 @@ def cmd_train(args):
 
 
 def cmd_indexer(args):
-  """Serve index versions for a joint-training workdir (`ragjax.indexer`)."""
+  """Serve index versions for a joint-training workdir (`ragjax.joint.indexer`)."""
   if args.nice:
     os.nice(args.nice)
-  from ragjax.indexer import Indexer
+  from ragjax.joint.indexer import Indexer
   _setup_logging()
   n = Indexer(args.workdir, args.shard, args.num_shards, poll_seconds=args.poll_seconds,
               idle_timeout=args.idle_timeout).run()
@@ -236,9 +239,9 @@ def cmd_indexer(args):
 
 def _restored_run(args):
   from ragjax import config as config_lib
-  from ragjax.trainer import Run, load_workdir_config
+  from ragjax.training.loop import Run
   _setup_logging()
-  cfg = config_lib.apply_overrides(load_workdir_config(args.workdir), args.overrides)
+  cfg = config_lib.apply_overrides(config_lib.load_workdir_config(args.workdir), args.overrides)
   _distributed(args)
   run = Run(cfg, args.workdir)
   state, meta = run.restore_latest()
@@ -253,7 +256,7 @@ def cmd_eval(args):
   if args.max_questions:
     questions = questions[:args.max_questions]
   if not questions:
-    raise SystemExit(f"ragjax eval: the {args.split} split has no questions")
+    raise UsageError(f"ragjax eval: the {args.split} split has no questions")
   # The training run's own eval/step_N.json stays; this writes step_N.<split>[.maxM].json.
   suffix = f".{args.split}" + (f".max{args.max_questions}" if args.max_questions else "")
   report = run.evaluate(state.params, meta["step"], questions, name_suffix=suffix)
@@ -266,7 +269,7 @@ def cmd_generate(args):
   import numpy as np
   from ragjax.data.qa import Question
   from ragjax import sharding
-  from ragjax.evaluation import decode_batch, gather
+  from ragjax.evaluation.evaluate import decode_batch, gather
   run, state, meta = _restored_run(args)
   feeder = run.feeder
   # The smallest global batch both the mesh's batch shards and the processes divide.
@@ -292,11 +295,10 @@ def cmd_generate(args):
 
 
 def cmd_aot(args):
-  from ragjax import aot
   from ragjax import config as config_lib
-  from ragjax.train import compile_for_topology
+  from ragjax.training import aot
   cfg = config_lib.apply_overrides(config_lib.load_config(args.config), args.overrides)
-  report = compile_for_topology(cfg, args.topology, chip=args.chip)
+  report = aot.compile_for_topology(cfg, args.topology, chip=args.chip)
   print(aot.format_report(report))
   if args.out:
     pathlib.Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
@@ -309,11 +311,15 @@ def cmd_aot(args):
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="ragjax", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--debug", action="store_true",
+                      help="print the traceback of an error (also RAGJAX_DEBUG=1)")
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
   def add(name, fn, help_):
     p = sub.add_parser(name, help=help_, description=help_)
     p.set_defaults(fn=fn)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="print the traceback of an error (also RAGJAX_DEBUG=1)")
     return p
 
   def corpus_args(p):
@@ -427,20 +433,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
+  """Parse `argv`, run the subcommand and return its exit status: 0, or 2 on a `RagjaxError`
+  (printed as one line, `error: <message>`; `--debug` or `RAGJAX_DEBUG=1` prints the traceback
+  too)."""
   os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
   args, rest = build_parser().parse_known_args(argv)
   args.overrides = [r for r in rest if r.startswith("--config.")]
   unknown = [r for r in rest if not r.startswith("--config.")]
   if unknown or (args.overrides and args.command not in ("train", "eval", "generate", "aot")):
     build_parser().error(f"unrecognized arguments: {' '.join(unknown or args.overrides)}")
-  from ragjax.checkpoint import CheckpointError
-  from ragjax.config import ConfigError
-  from ragjax.errors import DataError, IndexFormatError, WeightImportError
-  from ragjax.train import NonFiniteLossError
   try:
     rc = args.fn(args)
-  except (DataError, IndexFormatError, WeightImportError, FileNotFoundError, ConfigError,
-          CheckpointError, NonFiniteLossError) as e:
+  except RagjaxError as e:
+    if args.debug or os.environ.get("RAGJAX_DEBUG", "") not in ("", "0"):
+      traceback.print_exc()
     print(f"ragjax {args.command}: error: {e}", file=sys.stderr)
     return 2
   return rc or 0

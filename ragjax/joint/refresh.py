@@ -4,7 +4,7 @@ it is refreshed (`cfg.index.refresh`).
 Modes (`index.refresh.mode`):
 
 * `off`: the index is embedded once (passage encoder frozen; RAG §2.4).
-* `async`: an indexer (`ragjax.indexer`, another process) re-embeds the corpus from exported
+* `async`: an indexer (`ragjax.joint.indexer`, another process) re-embeds the corpus from exported
   checkpoints and publishes versions; at a step boundary the trainer notices a newer version
   and installs it (`Feeder.set_corpus`: same shapes, no recompile). `schedule` says which steps
   export a checkpoint (Atlas's `"0-1000:500,1000-10000:1000"`, or `asap`: whenever the indexer
@@ -28,41 +28,11 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ragjax import indexer as ix
-from ragjax.config import ConfigError
+from ragjax import config as config_lib
+from ragjax.joint import versions
 from ragjax.retrieval.embed import corpus_fingerprint
 
 log = logging.getLogger("ragjax")
-MODES = ("off", "async", "sync")
-
-
-def check_refresh_config(cfg) -> None:
-  """Raises ConfigError for an unknown mode, a bad schedule, or a trainable passage encoder
-  whose gradient would never arrive (it needs `model.reencode_passages`: the step re-encodes the
-  retrieved passages with the live passage encoder, REALM §3.4)."""
-  from ragjax.train import frozen_towers
-  r = cfg.index.refresh
-  if r.mode not in MODES:
-    raise ConfigError(f"index.refresh.mode {r.mode!r}: expected one of {MODES}")
-  try:
-    schedule = ix.RefreshSchedule.parse(r.schedule)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  if r.mode == "sync" and schedule.asap:
-    raise ConfigError("index.refresh.schedule='asap' needs mode='async' (sync refreshes at "
-                      "scheduled steps)")
-  if int(r.max_staleness_steps) < 0:
-    raise ConfigError("index.refresh.max_staleness_steps must be >= 0 (0: unbounded)")
-  if cfg.model.loss == "closed_book":
-    return
-  trainable = "passage_encoder" not in frozen_towers(cfg.optim)
-  if trainable and not cfg.model.reencode_passages:
-    raise ConfigError("a trainable passage encoder (optim.freeze without passage_encoder) needs "
-                      "model.reencode_passages=true: the step scores passages by their index "
-                      "embeddings otherwise, so the passage encoder would get no gradient")
-  if trainable and r.mode == "off":
-    raise ConfigError("a trainable passage encoder needs index.refresh.mode 'async' or 'sync': "
-                      "with 'off' the index would keep the initial encoder's embeddings")
 
 
 class IndexRefresh:
@@ -72,7 +42,7 @@ class IndexRefresh:
     self.run, self.workdir = run, run.workdir
     self.r = run.cfg.index.refresh
     self.mode = self.r.mode
-    self.schedule = ix.RefreshSchedule.parse(self.r.schedule)
+    self.schedule = config_lib.RefreshSchedule.parse(self.r.schedule)
     self.max_staleness = int(self.r.max_staleness_steps)
     self.version: int | None = None
     self.proc: list[subprocess.Popen] = []
@@ -82,7 +52,7 @@ class IndexRefresh:
     self.sync_seconds = 0.0
     self._corpus = None
     self._last_export = -1
-    self.first_change = ix.passage_encoder_start(run.cfg)
+    self.first_change = config_lib.passage_encoder_start(run.cfg)
 
   @property
   def active(self) -> bool:
@@ -99,7 +69,7 @@ class IndexRefresh:
   def _latest(self) -> int:
     """The newest published version as process 0 sees it, on every process (so all switch at
     the same step); -1 when there is none."""
-    latest = ix.latest_version(self.workdir) if self.run.is_main else None
+    latest = versions.latest_version(self.workdir) if self.run.is_main else None
     latest = -1 if latest is None else latest
     if jax.process_count() == 1:
       return latest
@@ -108,7 +78,7 @@ class IndexRefresh:
   def _install(self, version: int, step: int) -> None:
     t0 = time.perf_counter()
     system = self.run.system
-    emb, manifest, scann = ix.load_version(
+    emb, manifest, scann = versions.load_version(
         self.workdir, version, expect_count=len(system.passages),
         expect_dim=system.retriever.dim, expect_corpus=self.corpus_sha256,
         with_scann=self.run.feeder.kind == "scann")
@@ -127,12 +97,12 @@ class IndexRefresh:
       self.run.feeder.set_corpus(self.run.corpus_embeddings(params))
       return
     if self.run.is_main:
-      ix.clear_end_marker(self.workdir)
+      versions.clear_end_marker(self.workdir)
     latest = self._latest()
     if latest < 0:
       emb = self.run.corpus_embeddings(params)
       if self.run.is_main:
-        ix.publish_version(self.workdir, step, emb, passage_ids=[p.id for p in
+        versions.publish_version(self.workdir, step, emb, passage_ids=[p.id for p in
                                                                  self.run.system.passages],
                            corpus_sha256=self.corpus_sha256,
                            encoder={**self.run.system.retriever.identity,
@@ -153,7 +123,7 @@ class IndexRefresh:
     n = int(self.r.num_shards)
     self.proc = []
     for shard in range(n):
-      cmd = [sys.executable, "-m", "ragjax.main", "indexer", "--workdir", str(self.workdir),
+      cmd = [sys.executable, "-m", "ragjax.cli", "indexer", "--workdir", str(self.workdir),
              "--shard", str(shard), "--num-shards", str(n),
              "--poll-seconds", str(self.r.poll_seconds),
              "--idle-timeout", str(self.r.idle_timeout), "--nice", str(self.r.indexer_nice)]
@@ -235,7 +205,7 @@ class IndexRefresh:
     if not self.active or self.mode != "async":
       return
     if self.run.is_main:
-      ix.write_end_marker(self.workdir)
+      versions.write_end_marker(self.workdir)
     for p in self.proc:
       try:
         p.wait(timeout)

@@ -1,13 +1,14 @@
-"""Answer matching (SQuAD EM/F1, DPR has-answer, regex) and retrieval recall@k."""
+"""What an answer is: SQuAD answer normalisation, DPR's has-answer test, regex answers.
+
+Exact match and F1 (`ragjax.evaluation.metrics`) and answer recall@k
+(`ragjax.retrieval.evaluate`) are built on these.
+"""
 from __future__ import annotations
 
-import collections
 import functools
 import re
 import string
 from typing import Iterable, Sequence
-
-import numpy as np
 
 _PUNCT = frozenset(string.punctuation)
 _ARTICLES_RE = re.compile(r"\b(a|an|the)\b")
@@ -25,45 +26,11 @@ def normalize_answer(s: str) -> str:
   return " ".join(_ARTICLES_RE.sub(" ", s).split())
 
 
-def _check_answers(answers: Sequence[str]) -> None:
+def check_answers(answers: Sequence[str]) -> None:
   if isinstance(answers, str):
     raise TypeError("answers must be a sequence of strings, not a single string")
   if len(answers) == 0:
     raise ValueError("answers is empty; expected at least one reference answer")
-
-
-def exact_match(prediction: str, answers: Sequence[str]) -> float:
-  """1.0 if normalize_answer(prediction) equals that of any answer, else 0.0.
-
-  Source: `exact_match_score` + `metric_max_over_ground_truths`, SQuAD v1.1 evaluate-v1.1.py.
-  Raises: TypeError (answers is a str), ValueError (answers is empty).
-  """
-  _check_answers(answers)
-  pred = normalize_answer(prediction)
-  return float(any(pred == normalize_answer(a) for a in answers))
-
-
-def _token_f1(pred_tokens: list[str], gold_tokens: list[str]) -> float:
-  common = collections.Counter(pred_tokens) & collections.Counter(gold_tokens)
-  num_same = sum(common.values())
-  if num_same == 0:
-    return 0.0
-  precision = num_same / len(pred_tokens)
-  recall = num_same / len(gold_tokens)
-  return 2 * precision * recall / (precision + recall)
-
-
-def f1(prediction: str, answers: Sequence[str]) -> float:
-  """Max over answers of the bag-of-tokens F1 between normalised prediction and answer.
-
-  F1 = 2 P R / (P + R), P = |common| / |pred tokens|, R = |common| / |answer tokens|, common =
-  multiset intersection; 0 when nothing is shared. Source: `f1_score` +
-  `metric_max_over_ground_truths`, SQuAD v1.1 evaluate-v1.1.py.
-  Raises: TypeError (answers is a str), ValueError (answers is empty).
-  """
-  _check_answers(answers)
-  pred = normalize_answer(prediction).split()
-  return max(_token_f1(pred, normalize_answer(a).split()) for a in answers)
 
 
 @functools.lru_cache(maxsize=65536)
@@ -110,28 +77,3 @@ def has_answer(passage_text: str, answers: Iterable[str], regex: bool = False) -
     if norm and f" {norm} " in text:
       return True
   return False
-
-
-def recall_at_k(hits_nk: np.ndarray, ks: Iterable[int]) -> dict[str, float]:
-  """Fraction of rows (queries) with a hit among their first k columns (ranked results).
-
-  hits_nk: bool [N, K]; hits_nk[i, j] = result j of query i contains an answer. Returns
-  {str(k): mean_i any(hits_nk[i, :k])} (DPR "top-k retrieval accuracy", Karpukhin et al. 2020).
-  Raises: TypeError (not a bool array); ValueError (not 2-D, N == 0, a k < 1 or k > K).
-  """
-  hits_nk = np.asarray(hits_nk)
-  if hits_nk.dtype != np.bool_:
-    raise TypeError(f"hits_nk must be a bool array, got dtype {hits_nk.dtype}")
-  if hits_nk.ndim != 2:
-    raise ValueError(f"hits_nk must be 2-D [N, K], got shape {hits_nk.shape}")
-  n, k_max = hits_nk.shape
-  if n == 0:
-    raise ValueError("hits_nk has no rows; recall@k is undefined")
-  first_hit_n = np.where(hits_nk.any(axis=1), hits_nk.argmax(axis=1), k_max)  # [N]
-  out = {}
-  for k in ks:
-    k = int(k)
-    if not 1 <= k <= k_max:
-      raise ValueError(f"k={k} outside 1..K={k_max} (hits_nk has {k_max} columns)")
-    out[str(k)] = float(np.mean(first_hit_n < k))
-  return out

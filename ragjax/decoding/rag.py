@@ -1,7 +1,7 @@
 """Decoding for RAG (Lewis et al. 2020, arXiv:2005.11401, §2.5): jitted, batched, static shapes.
 
 Inputs everywhere: `context_ids_bkl` / `context_mask_bkl` `[B, K, L]` (the generator inputs of
-`ragjax.models.rag.build_context_inputs`) and raw `doc_scores_bk` `[B, K]` (log p_eta(z|x) =
+`ragjax.system.inputs.assemble_contexts`) and raw `doc_scores_bk` `[B, K]` (log p_eta(z|x) =
 log_softmax over K, RAG eq. 1 on the top K). Outputs are `[.., 1 + max_new_tokens]` int32: the
 decoder start token, the generated tokens, pad after EOS.
 
@@ -17,7 +17,7 @@ decoder start token, the generated tokens, pad after EOS.
   the beam search on z, so p(y|x) ~ sum over the passages z whose beams contain y of
   p_eta(z|x) p_beam(y|x,z), with p_beam the beam search's own (processed: a forced token counts
   log 1) sequence probability, recovered from its length-penalised score.
-Equations are numbered as in `ragjax.losses` (eq. 1 prior, eq. 2 RAG-Sequence, eq. 3 RAG-Token).
+Equations are numbered as in `ragjax.objectives.rag_losses` (eq. 1 prior, eq. 2 RAG-Sequence, eq. 3 RAG-Token).
 """
 from __future__ import annotations
 
@@ -28,13 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ragjax import decoding
-from ragjax.decoding import BeamSearchOutput
+from ragjax.decoding import beam
+from ragjax.decoding.beam import BeamSearchOutput
 from ragjax.models.rag import RagModel
 from ragjax.models.seq2seq import Seq2Seq, Seq2SeqConfig
 
 Array = jax.Array
-FROM_CONFIG = "config"
 _INVALID = -1.0e8  # beam slots never filled keep decoding's -1e9 score
 MODES = ("thorough", "fast")
 
@@ -51,18 +50,6 @@ class RagSequenceOutput(NamedTuple):
   scores: Array
   candidates: Array
   candidate_scores: Array
-
-
-def _resolve(value, default):
-  return default if isinstance(value, str) and value == FROM_CONFIG else value
-
-
-def _check(cfg: Seq2SeqConfig, num_beams: int, max_new_tokens: int):
-  if num_beams < 1 or max_new_tokens < 1:
-    raise ValueError(f"num_beams ({num_beams}) and max_new_tokens ({max_new_tokens}) must be >= 1")
-  if cfg.arch == "bart" and max_new_tokens + 1 > cfg.max_position_embeddings:
-    raise ValueError(f"max_new_tokens {max_new_tokens} exceeds the generator's "
-                     f"{cfg.max_position_embeddings} positions")
 
 
 def _encode(model: Seq2Seq, gparams, ids_bkl, mask_bkl):
@@ -91,11 +78,11 @@ def _token_fn(cfg: Seq2SeqConfig, num_beams: int, max_new_tokens: int, length_pe
     expand = lambda x: jnp.broadcast_to(x.reshape((b, 1, k) + x.shape[1:]),
                                         (b, num_beams, k) + x.shape[1:]).reshape(
                                             (b * num_beams * k,) + x.shape[1:])
-    cache = decoding.init_decode_cache(model, gparams, expand(enc_nle), expand(mask_nl),
+    cache = beam.init_decode_cache(model, gparams, expand(enc_nle), expand(mask_nl),
                                        max_new_tokens)
     prior_nk = jnp.repeat(jax.nn.log_softmax(doc_scores_bk.astype(jnp.float32), axis=-1),
                           num_beams, axis=0)                      # log p_eta(z|x), [B*beams, K]
-    gen_step = decoding.seq2seq_step_fn(model, gparams)
+    gen_step = beam.seq2seq_step_fn(model, gparams)
 
     def step(tokens_n, cache, t):
       logp_mv, cache = gen_step(jnp.repeat(tokens_n, k), cache, t)  # [B*beams*K, V]
@@ -104,14 +91,14 @@ def _token_fn(cfg: Seq2SeqConfig, num_beams: int, max_new_tokens: int, length_pe
       return jax.nn.log_softmax(marg_nv, axis=-1), cache  # HF renormalises the marginal too
 
     def reorder(cache, flat_n):  # hypothesis n continues from flat_n[n]: move its K rows
-      return decoding.reorder_cache(cache, (flat_n[:, None] * k + jnp.arange(k)).reshape(-1))
+      return beam.reorder_cache(cache, (flat_n[:, None] * k + jnp.arange(k)).reshape(-1))
 
     kw = _search_kw(cfg, forced_bos, forced_eos)
     if num_beams == 1:  # HF generate(num_beams=1) is greedy search
-      seq_bl = decoding.greedy_search_loop(step, cache, b, max_new_tokens, **kw)
+      seq_bl = beam.greedy_search_loop(step, cache, b, max_new_tokens, **kw)
       nan_b = jnp.full((b,), jnp.nan, jnp.float32)
       return BeamSearchOutput(seq_bl, nan_b, seq_bl[:, None], nan_b[:, None])
-    return decoding.beam_search_loop(step, cache, b, num_beams, max_new_tokens,
+    return beam.beam_search_loop(step, cache, b, num_beams, max_new_tokens,
                                      length_penalty=length_penalty,
                                      early_stopping=early_stopping, reorder_cache_fn=reorder, **kw)
   return jax.jit(run)
@@ -120,8 +107,8 @@ def _token_fn(cfg: Seq2SeqConfig, num_beams: int, max_new_tokens: int, length_pe
 def rag_token_generate(model: RagModel, params, context_ids_bkl, context_mask_bkl, doc_scores_bk,
                        *, num_beams: int = 1, max_new_tokens: int = 20,
                        length_penalty: float = 1.0, early_stopping: bool | str = False,
-                       forced_bos_token_id: int | None | str = FROM_CONFIG,
-                       forced_eos_token_id: int | None | str = FROM_CONFIG) -> BeamSearchOutput:
+                       forced_bos_token_id: int | None | str = beam.FROM_CONFIG,
+                       forced_eos_token_id: int | None | str = beam.FROM_CONFIG) -> BeamSearchOutput:
   """RAG-Token decoding: HF `RagTokenForGeneration.generate(context_input_ids=...,
   context_attention_mask=..., doc_scores=..., num_beams=..., max_new_tokens=...)` token for token
   (no min_length / no_repeat_ngram / repetition penalty; forced BOS/EOS default to the
@@ -136,10 +123,10 @@ def rag_token_generate(model: RagModel, params, context_ids_bkl, context_mask_bk
   Raises: ValueError on num_beams/max_new_tokens < 1 or beyond the generator's positions.
   """
   cfg = model.generator_cfg
-  _check(cfg, num_beams, max_new_tokens)
+  beam.check_generation(cfg, max_new_tokens, num_beams)
   fn = _token_fn(cfg, num_beams, max_new_tokens, float(length_penalty), early_stopping,
-                 _resolve(forced_bos_token_id, cfg.forced_bos_token_id),
-                 _resolve(forced_eos_token_id, cfg.forced_eos_token_id))
+                 beam.resolve(forced_bos_token_id, cfg.forced_bos_token_id),
+                 beam.resolve(forced_eos_token_id, cfg.forced_eos_token_id))
   return fn(params["generator"], jnp.asarray(context_ids_bkl, jnp.int32),
             jnp.asarray(context_mask_bkl, jnp.int32), jnp.asarray(doc_scores_bk, jnp.float32))
 
@@ -222,18 +209,18 @@ def _sequence_fn(cfg: Seq2SeqConfig, mode: str, num_beams: int, max_new_tokens: 
     search_enc_nle, search_mask_nl = enc_nle, mask_nl
     if hf_compat:  # HF's per-passage generate() gets attention_mask=None: padding is attended
       search_enc_nle, search_mask_nl = _encode(model, gparams, ids_bkl, jnp.ones_like(mask_bkl))
-    step = decoding.seq2seq_step_fn(model, gparams)
+    step = beam.seq2seq_step_fn(model, gparams)
     if mode == "thorough" and num_beams == 1:  # HF: per-passage greedy search
-      cache = decoding.init_decode_cache(model, gparams, search_enc_nle, search_mask_nl,
+      cache = beam.init_decode_cache(model, gparams, search_enc_nle, search_mask_nl,
                                          max_new_tokens)
-      cands_nbt = decoding.greedy_search_loop(step, cache, b * k, max_new_tokens, **kw)[:, None]
+      cands_nbt = beam.greedy_search_loop(step, cache, b * k, max_new_tokens, **kw)[:, None]
       beam_scores_nb = jnp.zeros(cands_nbt.shape[:2], jnp.float32)
     else:  # per-passage beam search; all num_beams finished hypotheses are candidates
-      cache = decoding.init_decode_cache(model, gparams,
+      cache = beam.init_decode_cache(model, gparams,
                                          jnp.repeat(search_enc_nle, num_beams, axis=0),
                                          jnp.repeat(search_mask_nl, num_beams, axis=0),
                                          max_new_tokens)
-      out = decoding.beam_search_loop(step, cache, b * k, num_beams, max_new_tokens,
+      out = beam.beam_search_loop(step, cache, b * k, num_beams, max_new_tokens,
                                       length_penalty=length_penalty,
                                       early_stopping=early_stopping, **kw)
       cands_nbt, beam_scores_nb = out.beam_sequences, out.beam_scores
@@ -266,13 +253,13 @@ def rag_sequence_generate(model: RagModel, params, context_ids_bkl, context_mask
                           max_new_tokens: int = 20, num_return_sequences: int = 1,
                           deduplicate: bool = True, length_penalty: float = 1.0,
                           early_stopping: bool | str = False,
-                          forced_bos_token_id: int | None | str = FROM_CONFIG,
-                          forced_eos_token_id: int | None | str = FROM_CONFIG,
-                          hf_compat: bool = False, bos_token_id: int | None | str = FROM_CONFIG,
+                          forced_bos_token_id: int | None | str = beam.FROM_CONFIG,
+                          forced_eos_token_id: int | None | str = beam.FROM_CONFIG,
+                          hf_compat: bool = False, bos_token_id: int | None | str = beam.FROM_CONFIG,
                           rescore_batch: int | None = None) -> RagSequenceOutput:
   """RAG-Sequence decoding, "thorough" or "fast" (module docstring; RAG §2.5).
 
-  The per-passage search is `decoding.beam_search` (greedy for num_beams=1 in "thorough", as
+  The per-passage search is `ragjax.decoding.beam.beam_search` (greedy for num_beams=1 in "thorough", as
   HF), so candidate c is the (c % num_beams)-th finished hypothesis of passage c // num_beams.
   "thorough" scores all C candidates on all K passages (`thorough_scores`; `rescore_batch`
   candidates at a time through `lax.map`, all at once when None); `hf_compat=True` adds HF's
@@ -289,7 +276,7 @@ def rag_sequence_generate(model: RagModel, params, context_ids_bkl, context_mask
     num_beams / max_new_tokens as `rag_token_generate`.
   """
   cfg = model.generator_cfg
-  _check(cfg, num_beams, max_new_tokens)
+  beam.check_generation(cfg, max_new_tokens, num_beams)
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
   k = np.shape(context_ids_bkl)[1]
@@ -297,9 +284,9 @@ def rag_sequence_generate(model: RagModel, params, context_ids_bkl, context_mask
     raise ValueError(f"num_return_sequences {num_return_sequences} must be in [1, K * num_beams"
                      f" = {k * num_beams}]")
   fn = _sequence_fn(cfg, mode, num_beams, max_new_tokens, float(length_penalty), early_stopping,
-                    _resolve(forced_bos_token_id, cfg.forced_bos_token_id),
-                    _resolve(forced_eos_token_id, cfg.forced_eos_token_id),
+                    beam.resolve(forced_bos_token_id, cfg.forced_bos_token_id),
+                    beam.resolve(forced_eos_token_id, cfg.forced_eos_token_id),
                     num_return_sequences, deduplicate, hf_compat,
-                    _resolve(bos_token_id, cfg.bos_token_id), rescore_batch)
+                    beam.resolve(bos_token_id, cfg.bos_token_id), rescore_batch)
   return fn(params["generator"], jnp.asarray(context_ids_bkl, jnp.int32),
             jnp.asarray(context_mask_bkl, jnp.int32), jnp.asarray(doc_scores_bk, jnp.float32))

@@ -1,12 +1,11 @@
-"""The training loop around `ragjax.train`: workdir, checkpoints, metrics, evaluation, signals.
+"""The RAG trainer: `ragjax train --config FILE[:arg] --workdir DIR [--config.key=value ...]`.
 
-  workdir/
-    config.json            the resolved config (what `ragjax eval` / `generate` rebuild from)
-    checkpoints/<step>/    orbax: TrainState + JSON meta (async, keep-N, atomic)
-    metrics.jsonl          one JSON object per logged step
-    tb/                    TensorBoard event files (tensorboardX)
-    eval/step_<N>.json     exact match, F1, answer recall@k (`ragjax.evaluation`)
-    index/embeddings-<key> passage embeddings of the corpus (resumable shards + manifest)
+`train(cfg, workdir)` reads top to bottom: config check (`ragjax.config.validate`), mesh, system
+(data, towers), optimiser, abstract state and shardings, checkpoint restore or init, index
+refresh (`ragjax.joint.refresh`), the jitted step (`ragjax.training.step`), then the loop with
+logging, checkpoints, evaluation and preemption. The workdir's layout is in
+`ragjax.training.workdir`; the passage embeddings of a frozen passage encoder are cached in
+`index/embeddings-<key>` (resumable shards + manifest).
 
 A run resumes from the newest checkpoint in its workdir by itself; metrics logged after that
 checkpoint by the interrupted run are dropped so `metrics.jsonl` reads as one run. SIGTERM
@@ -17,9 +16,7 @@ Only process 0 writes files other than checkpoints.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import pathlib
 import signal
 import time
@@ -30,17 +27,21 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from ragjax import evaluation, feed
+from ragjax import config as config_lib
 from ragjax import sharding as sh
 from ragjax.checkpoint import Checkpointer
-from ragjax.config import ConfigError
 from ragjax.data import pipeline
-from ragjax.refresh import IndexRefresh, check_refresh_config
-from ragjax.retrieval.index import write_json_atomic
-from ragjax.system import build_system, corpus_key
-from ragjax.train import (NonFiniteLossError, abstract_state, build_mesh, check_batch,
-                          config_to_json, frozen_towers, init_state, jit_train_step,
-                          make_optimizer)
+from ragjax.errors import ConfigError, NonFiniteLossError, NotFoundError
+from ragjax.evaluation import evaluate as evaluation
+from ragjax.fsutil import write_json_atomic
+from ragjax.joint.refresh import IndexRefresh
+from ragjax.retrieval.embed import embed_corpus, load_embeddings
+from ragjax.system import feed
+from ragjax.system.build import build_system, corpus_key
+from ragjax.training.optim import make_optimizer
+from ragjax.training.state import abstract_state, build_mesh, init_state
+from ragjax.training.step import jit_train_step
+from ragjax.training.workdir import MetricsWriter, save_config, shape_config
 
 log = logging.getLogger("ragjax")
 
@@ -54,9 +55,9 @@ class Run:
 
   def __init__(self, cfg: ml_collections.ConfigDict, workdir):
     self.cfg, self.workdir = cfg, pathlib.Path(workdir)
+    config_lib.validate(cfg)                  # before any device, data or array is touched
     self.mesh, self.rules = build_mesh(cfg)
-    check_batch(cfg, self.mesh, self.rules)
-    check_run_config(cfg, self.mesh, self.rules)
+    config_lib.validate(cfg, self.mesh)       # the batch splits over this mesh
     self.system = build_system(cfg)
     self.model = self.system.model
     self.tx, self.schedule = make_optimizer(cfg.optim, int(cfg.train.total_steps))
@@ -84,22 +85,21 @@ class Run:
                            int(self.cfg.seed)), self.shapes.state)
 
   def restore_latest(self):
-    """`(state, meta)` of the newest checkpoint. Raises: FileNotFoundError when there is none."""
+    """`(state, meta)` of the newest checkpoint. Raises: NotFoundError when there is none."""
     step = self.ckpt.latest_step()
     if step is None:
-      raise FileNotFoundError(f"{self.workdir / 'checkpoints'}: no checkpoint to evaluate")
+      raise NotFoundError(f"{self.workdir / 'checkpoints'}: no checkpoint to evaluate")
     return self.ckpt.restore(step, self.shapes.state)
 
   def corpus_embeddings(self, params) -> np.ndarray:
     """Passage embeddings `[N, D]` float32 of the corpus under the state's passage encoder
     (cached in `index/embeddings-<key>` when the passage encoder is frozen)."""
-    from ragjax.retrieval.embed import embed_corpus, load_embeddings
     system = self.system
     if system.closed_book:
       return np.zeros((0, system.retriever.dim), np.float32)
     retriever = system.retriever
     bs = int(self.cfg.retriever.embed_batch_size)
-    frozen = "passage_encoder" in frozen_towers(self.cfg.optim)
+    frozen = "passage_encoder" in config_lib.frozen_towers(self.cfg.optim)
     if not frozen:  # same shapes: the jitted encoder is reused, not recompiled
       retriever.params = {**retriever.params,
                           "passage_encoder": _gather_tree(params["bi_encoder"]["passage_encoder"])}
@@ -130,72 +130,6 @@ class Run:
     return report
 
 
-def shape_config(cfg) -> dict:
-  """The config keys that fix parameter shapes (a checkpoint from a run that differs in them
-  cannot be restored; loss, K, lengths or learning rates may change between runs)."""
-  r, g = cfg.retriever, cfg.generator
-  return {"retriever": {"init": r.init, "random": r.random.to_dict()},
-          "generator": {"init": g.init, "num_layers": g.num_layers,
-                        "random": g.random.to_dict()}}
-
-
-def check_run_config(cfg, mesh, rules) -> None:
-  """Config checks that would otherwise fail late (at the first evaluation). Raises
-  ConfigError."""
-  shards = sh.batch_shards(mesh, rules)
-  e = int(cfg.eval.batch_size)
-  if e % shards or e % jax.process_count():
-    raise ConfigError(f"eval.batch_size={e} is not divisible by the data-parallel size {shards} "
-                      f"and the {jax.process_count()} processes")
-  if cfg.eval.decoding not in evaluation.DECODINGS:
-    raise ConfigError(f"eval.decoding {cfg.eval.decoding!r}: expected one of "
-                      f"{evaluation.DECODINGS}")
-  if cfg.index.kind not in feed.INDEX_KINDS:
-    raise ConfigError(f"index.kind {cfg.index.kind!r}: expected one of {feed.INDEX_KINDS}")
-  check_refresh_config(cfg)
-
-
-class MetricsWriter:
-  """`metrics.jsonl` + TensorBoard (process 0 only)."""
-
-  def __init__(self, workdir: pathlib.Path, resume_step: int, enabled: bool,
-               tensorboard: bool = True):
-    self.enabled = enabled
-    self.path = workdir / "metrics.jsonl"
-    self.tb = None
-    if not enabled:
-      return
-    workdir.mkdir(parents=True, exist_ok=True)
-    if self.path.is_file():  # drop what the interrupted run logged after its last checkpoint
-      kept = []
-      for line in self.path.read_text().splitlines():
-        try:  # a line cut short by a kill is dropped, not fatal
-          if json.loads(line)["step"] <= resume_step:
-            kept.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-          continue
-      tmp = self.path.with_suffix(".jsonl.tmp")
-      tmp.write_text("".join(line + "\n" for line in kept))
-      os.replace(tmp, self.path)
-    if tensorboard:
-      from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(str(workdir / "tb"))
-
-  def write(self, record: dict) -> None:
-    if not self.enabled:
-      return
-    with self.path.open("a") as f:
-      f.write(json.dumps(record) + "\n")
-    if self.tb is not None:
-      for k, v in record.items():
-        if k != "step" and isinstance(v, (int, float)):
-          self.tb.add_scalar(f"train/{k}", v, record["step"])
-
-  def close(self):
-    if self.tb is not None:
-      self.tb.close()
-
-
 class _Preemption:
   """SIGTERM -> a flag checked at step boundaries (agreed across processes)."""
 
@@ -214,28 +148,6 @@ class _Preemption:
 
   def restore(self):
     signal.signal(signal.SIGTERM, self._old)
-
-
-def save_config(cfg, workdir: pathlib.Path, spec: str | None, overrides) -> None:
-  write_json_atomic(workdir / "config.json", {"spec": spec, "overrides": list(overrides or []),
-                                              "config": config_to_json(cfg)})
-
-
-def load_workdir_config(workdir) -> ml_collections.ConfigDict:
-  """The config a run in `workdir` was trained with, over `base_config()` (keys added since the
-  run was written take their defaults). Raises: ConfigError when absent."""
-  from ragjax.config import base_config
-  path = pathlib.Path(workdir) / "config.json"
-  if not path.is_file():
-    raise ConfigError(f"{path}: not found (is {workdir} a `ragjax train` workdir?)")
-  saved = json.loads(path.read_text())["config"]
-
-  def merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-      out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return out
-  return ml_collections.ConfigDict(merge(base_config().to_dict(), saved))
 
 
 def train(cfg: ml_collections.ConfigDict, workdir, *, spec: str | None = None,

@@ -1,18 +1,11 @@
-"""A RAG system built from a config: towers, tokenizers, corpus, questions and the retrieval glue
-that turns a batch of questions into the generator's inputs.
+"""A RAG system built from a config: towers, tokenizers, corpus, questions.
 
   system = build_system(cfg)                       # model, tokenizers, corpus, questions
-  params = system.initial_params(shardings)        # pretrained / warm-started / random towers
+  towers = system.host_towers()                    # pretrained / warm-started towers (numpy)
   host = system.question_batch(questions)          # [B, ...] numpy: query tokens, labels, ...
-  rows_bk = ...                                    # top-k corpus rows (device or ScaNN)
-  ctx = assemble_contexts(tables, host, rows_bk)   # generator inputs [B, K, L]
 
-The generator reads `title / passage // question` (RAG §2.3, HF `RagRetriever.postprocess_docs`)
-as `[bos] title / text` (the passage part, pre-tokenized once per corpus into a table) followed by
-` // question [eos]` (per question); joining separately tokenized parts equals tokenizing the
-joined string for WordPiece and byte-level BPE (both split at the space before ` //`). When the
-whole does not fit in `context_max_length`, the passage part is truncated so that the question is
-always read (HF truncates the joined string from the end, which can drop the question).
+Retrieval feeding (`ragjax.system.feed`) turns `host` and the top-k rows into the step batch,
+with the generator inputs assembled by `ragjax.system.inputs`.
 """
 from __future__ import annotations
 
@@ -26,111 +19,25 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.core import meta
 
 from ragjax.data.corpus import Passage
 from ragjax.data.qa import Question
+from ragjax.data.sources import load_data
 from ragjax.data.tokenize import WordPieceTokenizer
-from ragjax.errors import DataError
+from ragjax.errors import ConfigError
+from ragjax.models import hf_import
 from ragjax.models.bert import BertConfig, BertEncoder
-from ragjax.models.rag import TITLE_SEP, DOC_SEP, RagModel
-from ragjax.models.retriever import EMBED_BUCKETS, Retriever
+from ragjax.models.rag import RagModel
+from ragjax.models.retriever import EMBED_BUCKETS, Retriever, load_retriever
 from ragjax.models.seq2seq import Seq2SeqConfig
+from ragjax.models.seq2seq_import import load_seq2seq_dir, warm_start_from_bert
+from ragjax.retrieval.embed import corpus_fingerprint
+from ragjax.system.inputs import (DOC_SEP, ContextTables, GeneratorTokenizer, pad_rows,
+                                  passage_tables)
 
 log = logging.getLogger("ragjax")
-TOWERS = ("query_encoder", "passage_encoder", "generator")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-class GeneratorTokenizer:
-  """The generator's tokenizer: a `tokenizers.Tokenizer` used without special tokens (they are
-  placed explicitly from the `Seq2SeqConfig`: `bos` for BART-style inputs, `eos` last)."""
-
-  def __init__(self, tokenizer, cfg: Seq2SeqConfig):
-    self._tok = tokenizer
-    self._tok.no_padding()
-    self._tok.no_truncation()
-    self.cfg = cfg
-    # BART (and a BERT2BERT warm start) open inputs with <s>/[CLS]; T5 has no BOS.
-    self.bos = cfg.bos_token_id if cfg.arch == "bart" else None
-    self.eos, self.pad = cfg.eos_token_id, cfg.pad_token_id
-    self.specials = {t for t in (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id,
-                                 cfg.decoder_start_token_id) if t is not None}
-
-  @classmethod
-  def from_dir(cls, path, cfg: Seq2SeqConfig) -> "GeneratorTokenizer":
-    return cls(WordPieceTokenizer.from_dir(path)._tok
-               if not (pathlib.Path(path) / "tokenizer.json").is_file()
-               else __import__("tokenizers").Tokenizer.from_file(
-                   str(pathlib.Path(path) / "tokenizer.json")), cfg)
-
-  def ids(self, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each text, no special tokens."""
-    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
-
-  def decode(self, ids) -> str:
-    """Text of generated ids `[T]`, special tokens and everything after the first EOS dropped."""
-    out = []
-    for i in np.asarray(ids).tolist()[1:]:  # [0] is the decoder start token
-      if i == self.eos:
-        break
-      if i not in self.specials:
-        out.append(int(i))
-    return self._tok.decode(out, skip_special_tokens=True).strip()
-
-
-@dataclasses.dataclass
-class ContextTables:
-  """The passage part of every generator input, tokenized once: `ids [N, L]` int32 (`[bos] title /
-  text`, truncated to L - 1 tokens, padded) and `lengths [N]` int32."""
-  ids: np.ndarray
-  lengths: np.ndarray
-
-
-def passage_tables(passages: Sequence[Passage], tok: GeneratorTokenizer, length: int,
-                   title_sep: str = TITLE_SEP) -> ContextTables:
-  """`ContextTables` of `passages` for contexts of `length` tokens (HF postprocess_docs title
-  handling: one leading/trailing `"` stripped, double spaces collapsed)."""
-  texts = [(p.title.removeprefix('"').removesuffix('"') + title_sep + p.text).replace("  ", " ")
-           for p in passages]
-  bos = [] if tok.bos is None else [tok.bos]
-  return ContextTables(*pad_rows([(bos + row)[:length - 1] for row in tok.ids(texts)], length,
-                                 tok.pad))
-
-
-def pad_rows(rows: Sequence[Sequence[int]], width: int, pad_id: int
-             ) -> tuple[np.ndarray, np.ndarray]:
-  """Token id lists (each at most `width` long) -> `(ids [N, width] int32, lengths [N] int32)`,
-  right-padded with `pad_id`."""
-  ids = np.full((len(rows), width), pad_id, np.int32)
-  lengths = np.zeros(len(rows), np.int32)
-  for i, row in enumerate(rows):
-    ids[i, :len(row)] = row
-    lengths[i] = len(row)
-  return ids, lengths
-
-
-def assemble_contexts(table_ids_nl, table_lengths_n, question_ids_bq, question_lengths_b,
-                      rows_bk, pad_id: int, xp=jnp):
-  """Generator inputs `(ids [B, K, L], mask [B, K, L])` int32: passage part of corpus row
-  `rows_bk[b, k]` followed by question part `b`, passage truncated so the question fits.
-
-  `table_ids_nl` `[N, L]` / `table_lengths_n` `[N]` from `passage_tables`; `question_ids_bq`
-  `[B, Q]` / `question_lengths_b` `[B]` (` // question [eos]`, Q <= L). `xp` is `jnp` (inside jit,
-  on the device) or `np` (host-side retrieval); both give the same result.
-  """
-  length = table_ids_nl.shape[1]
-  q = question_ids_bq.shape[1]
-  p_bkl = table_ids_nl[rows_bk]                                    # [B, K, L]
-  qlen_b11 = question_lengths_b[:, None, None]
-  plen_bk1 = xp.minimum(table_lengths_n[rows_bk][..., None], length - qlen_b11)
-  j_l = xp.arange(length)[None, None, :]
-  qpos_bkl = xp.clip(j_l - plen_bk1, 0, q - 1)
-  q_bkl = xp.take_along_axis(xp.broadcast_to(question_ids_bq[:, None, :],
-                                             (*rows_bk.shape, q)), qpos_bkl, axis=2)
-  in_passage = j_l < plen_bk1
-  in_question = (j_l >= plen_bk1) & (j_l < plen_bk1 + qlen_b11)
-  ids = xp.where(in_passage, p_bkl, xp.where(in_question, q_bkl, pad_id))
-  return ids.astype(xp.int32), (in_passage | in_question).astype(xp.int32)
 
 
 @dataclasses.dataclass
@@ -221,14 +128,9 @@ def _bert_random_cfg(rcfg, vocab_size: int, dtype) -> BertConfig:
 def build_retriever(cfg) -> Retriever:
   """The retriever from `cfg.retriever.init`: "minilm", a checkpoint directory, or "random"
   (sizes in `cfg.retriever.random`, MiniLM's WordPiece vocabulary, seeded by `cfg.seed`)."""
-  from ragjax.models import hf_import
-  from ragjax.models.retriever import load_retriever
   dtype = DTYPES[cfg.model.compute_dtype]
   r = cfg.retriever
-  if r.init != "random":
-    if r.init != "minilm" and not pathlib.Path(r.init).is_dir():
-      raise DataError("expected 'minilm', 'random' or a checkpoint directory", path=r.init,
-                      field="retriever.init")
+  if r.init != "random":  # the spec was checked by `ragjax.config.validate`
     ret = load_retriever(r.init, max_length=int(r.passage_max_length), dtype=dtype)
     # Separate towers: the query side trains, the passage side (and its index) stays put.
     ret.params = {"query_encoder": ret.params["query_encoder"],
@@ -239,7 +141,6 @@ def build_retriever(cfg) -> Retriever:
   bcfg = _bert_random_cfg(r, tok.vocab_size, dtype)
   ids = jnp.zeros((1, 4), jnp.int32)
   init = jax.jit(lambda key: BertEncoder(bcfg).init(key, ids, ids)["params"])
-  from flax.core import meta
   keys = jax.random.split(jax.random.key(cfg.seed), 2)
   params = {name: jax.tree.map(np.asarray, meta.unbox(init(key)))
             for name, key in zip(("query_encoder", "passage_encoder"), keys)}
@@ -253,8 +154,6 @@ def build_generator(cfg, vocab_dir) -> tuple[Seq2SeqConfig, dict | None, Generat
   "bert:minilm" / "bert:DIR" (BERT2BERT warm start, first `num_layers` layers), "hf:DIR" (BART/T5
   safetensors + tokenizer.json) or "random" (`cfg.generator.random` sizes, the retriever's
   vocabulary from `vocab_dir`)."""
-  from ragjax.models import hf_import
-  from ragjax.models.seq2seq_import import load_seq2seq_dir, warm_start_from_bert
   g = cfg.generator
   dtype = DTYPES[cfg.model.compute_dtype]
   common = dict(dtype=dtype, dropout_rate=float(g.dropout_rate))
@@ -273,10 +172,8 @@ def build_generator(cfg, vocab_dir) -> tuple[Seq2SeqConfig, dict | None, Generat
         bos_token_id=vocab._token_id("[CLS]"), eos_token_id=vocab._token_id("[SEP]"),
         attention_dropout_rate=0.0, cross_attention=str(g.cross_attention_init), **common)
     return gcfg, params, GeneratorTokenizer(vocab._tok, gcfg)
-  if kind == "hf":
+  if kind == "hf":  # the directory was checked by `ragjax.config.validate`
     path = pathlib.Path(where)
-    if not path.is_dir():
-      raise DataError("no such checkpoint directory", path=where, field="generator.init")
     gcfg, params = load_seq2seq_dir(path, **common)
     return gcfg, params, GeneratorTokenizer.from_dir(path, gcfg)
   if kind == "random":
@@ -284,8 +181,8 @@ def build_generator(cfg, vocab_dir) -> tuple[Seq2SeqConfig, dict | None, Generat
     gcfg = random_generator_cfg(cfg, vocab.vocab_size, vocab.pad_id, vocab._token_id("[CLS]"),
                                 vocab._token_id("[SEP]"))
     return gcfg, None, GeneratorTokenizer(vocab._tok, gcfg)
-  raise DataError("expected 'bert:minilm', 'bert:DIR', 'hf:DIR' or 'random'", path=g.init,
-                  field="generator.init")
+  raise ConfigError(f"generator.init {g.init!r}: expected 'bert:minilm', 'bert:DIR', 'hf:DIR' "
+                    "or 'random'")
 
 
 def random_generator_cfg(cfg, vocab_size: int, pad: int, bos: int, eos: int) -> Seq2SeqConfig:
@@ -300,46 +197,6 @@ def random_generator_cfg(cfg, vocab_size: int, pad: int, bos: int, eos: int) -> 
                        bos_token_id=bos, eos_token_id=eos, decoder_start_token_id=bos, **common)
 
 
-def load_data(cfg) -> tuple[list[Passage], list[Question], list[Question]]:
-  """`(passages, train questions, eval questions)` of `cfg.data.source`:
-  "bios" (built-in synthetic biographies), "files" (corpus + question files), or
-  "squad_split" (SQuAD v1.1 dev split by article, `ragjax.data.splits`).
-
-  Raises: DataError naming the missing path or the config key.
-  """
-  d = cfg.data
-  if d.source == "bios":
-    from ragjax.data.synthetic import make_bios
-    bios = make_bios(int(d.num_people), seed=int(d.bios_seed),
-                     eval_fraction=float(d.eval_fraction))
-    passages, train, evals = bios.passages, bios.train_questions, bios.eval_questions
-  elif d.source in ("files", "squad_split"):
-    for key in ("corpus", "train_questions", "eval_questions") if d.source == "files" else (
-        "squad",):
-      if not d.get(key) or not pathlib.Path(d[key]).exists():
-        raise DataError("data path not found", path=d.get(key) or "<empty>",
-                        field=f"data.{key}")
-    if d.source == "files":
-      from ragjax.data.corpus import read_passages
-      from ragjax.data.qa import read_questions
-      passages = read_passages(d.corpus)
-      train, evals = read_questions(d.train_questions), read_questions(d.eval_questions)
-    else:
-      from ragjax.data.splits import squad_article_split
-      passages, train, evals = squad_article_split(d.squad, int(d.num_eval_articles),
-                                                   seed=int(d.split_seed))
-  else:
-    raise DataError("expected bios, files or squad_split", path=d.source, field="data.source")
-  if d.max_train_questions:
-    train = train[:int(d.max_train_questions)]
-  if d.max_eval_questions:
-    evals = evals[:int(d.max_eval_questions)]
-  if not train:
-    raise DataError("no training questions", path=str(d.get("train_questions") or d.source),
-                    field="data")
-  return passages, train, evals
-
-
 def build_system(cfg) -> RagSystem:
   """A `RagSystem` from a config (see `experiments/bios.py` for the keys).
 
@@ -347,7 +204,6 @@ def build_system(cfg) -> RagSystem:
   """
   passages, train, evals = load_data(cfg)
   retriever = build_retriever(cfg)
-  from ragjax.models import hf_import
   gcfg, gparams, gen_tok = build_generator(cfg, hf_import.minilm_dir(verify=False))
   model = RagModel(retriever.query_cfg, gcfg, passage_cfg=retriever.passage_cfg,
                    doc_score_scale=float(cfg.model.doc_score_scale))
@@ -362,7 +218,6 @@ def abstract_model(cfg) -> RagModel:
 
   Raises: ConfigError when a tower is not random or a vocabulary size is missing.
   """
-  from ragjax.config import ConfigError
   if cfg.retriever.init != "random" or cfg.generator.init != "random":
     raise ConfigError("abstract_model: retriever.init and generator.init must be 'random'")
   if not cfg.retriever.random.get("vocab_size") or not cfg.generator.random.get("vocab_size"):
@@ -375,7 +230,6 @@ def abstract_model(cfg) -> RagModel:
 
 def corpus_key(system: RagSystem) -> str:
   """A short fingerprint of (corpus, passage encoder) naming cached embeddings."""
-  from ragjax.retrieval.embed import corpus_fingerprint
   h = hashlib.sha256((corpus_fingerprint(system.passages)
                       + json.dumps(system.retriever.identity, sort_keys=True)).encode())
   return h.hexdigest()[:16]

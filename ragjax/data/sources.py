@@ -1,0 +1,40 @@
+"""The data a run trains and evaluates on, from `cfg.data`: passages and question splits."""
+from __future__ import annotations
+
+from ragjax.config import DATA_SOURCES
+from ragjax.data.corpus import Passage, read_passages
+from ragjax.data.qa import Question, read_questions
+from ragjax.data.splits import squad_article_split
+from ragjax.data.synthetic import make_bios
+from ragjax.errors import DataError
+
+
+def load_data(cfg) -> tuple[list[Passage], list[Question], list[Question]]:
+  """`(passages, train questions, eval questions)` of `cfg.data.source`:
+  "bios" (built-in synthetic biographies), "files" (corpus + question files), or
+  "squad_split" (SQuAD v1.1 dev split by article, `ragjax.data.splits`).
+
+  The config's sources are checked by `ragjax.config.validate` (paths exist, known source).
+  Raises: DataError for bad records (file and line) or no training questions.
+  """
+  d = cfg.data
+  if d.source == "bios":
+    bios = make_bios(int(d.num_people), seed=int(d.bios_seed),
+                     eval_fraction=float(d.eval_fraction))
+    passages, train, evals = bios.passages, bios.train_questions, bios.eval_questions
+  elif d.source == "files":
+    passages = read_passages(d.corpus)
+    train, evals = read_questions(d.train_questions), read_questions(d.eval_questions)
+  elif d.source == "squad_split":
+    passages, train, evals = squad_article_split(d.squad, int(d.num_eval_articles),
+                                                 seed=int(d.split_seed))
+  else:  # `ragjax.config.validate` names the key; this keeps a direct call honest
+    raise DataError(f"expected one of {DATA_SOURCES}", path=d.source, field="data.source")
+  if d.max_train_questions:
+    train = train[:int(d.max_train_questions)]
+  if d.max_eval_questions:
+    evals = evals[:int(d.max_eval_questions)]
+  if not train:
+    raise DataError("no training questions", path=str(d.get("train_questions") or d.source),
+                    field="data")
+  return passages, train, evals

@@ -1,0 +1,1 @@
+"""Joint retriever training: index versions, the trainer-side refresh and the indexer."""

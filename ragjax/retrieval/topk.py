@@ -1,0 +1,97 @@
+"""Exact (or approximate) top-k MIPS on the device: chunked inner products and a running top-k.
+
+  scores_bk, rows_bk = topk_chunked(queries_bd, corpus_nd, k=20)      # memory O(B * chunk)
+  top = device_top_k(q_bd, corpus_nd, k)                              # rows, scores, vectors
+
+Scores are inner products `q . d` (DPR eq. 1, Karpukhin et al. 2020). `device_top_k` is what the
+train step's device-side retrieval and `ExactIndex` use; no gradient flows through the selection.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def block_corpus(corpus_nd: jax.Array, chunk: int) -> jax.Array:
+  """`[N, D]` -> `[ceil(N / chunk), chunk, D]`, zero-padded: the layout `topk_blocks` scans.
+  Do it once per corpus (it copies the corpus), not once per search."""
+  n, d = corpus_nd.shape
+  chunk = int(min(chunk, n))
+  num_chunks = -(-n // chunk)
+  return jnp.pad(corpus_nd, ((0, num_chunks * chunk - n), (0, 0))).reshape(num_chunks, chunk, d)
+
+
+def topk_blocks(queries_bd: jax.Array, corpus_cnd: jax.Array, n: int, k: int,
+                approximate: bool = False, recall_target: float = 0.95):
+  """Top-k over a blocked corpus `[C, chunk, D]` holding `n` real rows (see `topk_chunked`)."""
+  chunk = corpus_cnd.shape[1]
+  kc = min(k, chunk)
+
+  def body(carry, xs):
+    best_s, best_i = carry
+    block_cd, c = xs
+    s_bc = jnp.einsum("bd,cd->bc", queries_bd, block_cd,
+                      preferred_element_type=jnp.float32)
+    rows_c = c * chunk + jnp.arange(chunk)
+    s_bc = jnp.where(rows_c[None, :] < n, s_bc, -jnp.inf)
+    if approximate:
+      s_bk, i_bk = jax.lax.approx_max_k(s_bc, kc, recall_target=recall_target)
+    else:
+      s_bk, i_bk = jax.lax.top_k(s_bc, kc)
+    merged_s = jnp.concatenate([best_s, s_bk], axis=1)
+    merged_i = jnp.concatenate([best_i, rows_c[i_bk]], axis=1)
+    top_s, pos = jax.lax.top_k(merged_s, k)
+    return (top_s, jnp.take_along_axis(merged_i, pos, axis=1)), None
+
+  b = queries_bd.shape[0]
+  init = (jnp.full((b, k), -jnp.inf, jnp.float32), jnp.zeros((b, k), jnp.int32))
+  (scores, rows), _ = jax.lax.scan(body, init, (corpus_cnd, jnp.arange(corpus_cnd.shape[0])))
+  return scores, rows
+
+
+def topk_chunked(queries_bd: jax.Array, corpus_nd: jax.Array, k: int, chunk: int = 65536,
+                 approximate: bool = False, recall_target: float = 0.95):
+  """Exact (or approximate) MIPS top-k scanning the corpus in chunks: memory O(B * chunk).
+
+  Scores are inner products `q . d` (DPR eq. 1). `approximate=True` uses `jax.lax.approx_max_k`
+  (Chern et al. 2022, TPU-KNN) per chunk.
+
+  Args:
+    queries_bd: `[B, D]` float.
+    corpus_nd: `[N, D]` float (N is padded internally to a multiple of the chunk size).
+    k: neighbours per query, `k <= N`.
+  Returns:
+    `(scores [B, k] float32, rows [B, k] int32)`, best first.
+  """
+  return topk_blocks(queries_bd, block_corpus(corpus_nd, chunk), corpus_nd.shape[0], k,
+                     approximate, recall_target)
+
+
+class TopK(NamedTuple):
+  """`doc_ids` `[B, K]` int32 (corpus rows, best first), `scores` `[B, K]` float32 (q·d),
+  `embeddings` `[B, K, D]` (the corpus rows, for `RagModel.retrieve_scores`)."""
+  doc_ids: Array
+  scores: Array
+  embeddings: Array
+
+
+def device_top_k(query_bd: Array, corpus_nd: Array, k: int, *, chunk: int = 65536) -> TopK:
+  """Exact MIPS top-k (DPR eq. 1) on the device holding `corpus_nd` `[N, D]` (it must fit in its
+  memory; the score matrix is built `chunk` rows at a time, `topk_chunked`). Jittable with `k`
+  and `chunk` static; `query_bd` `[B, D]`. No gradient flows through the selection: recompute
+  scores from the live query encoder with `RagModel.retrieve_scores(.., TopK.embeddings)`.
+
+  Raises: ValueError when k < 1, k > N or the dimensions differ.
+  """
+  n, d = corpus_nd.shape
+  if not 1 <= k <= n:
+    raise ValueError(f"device_top_k: k={k} must be in [1, N={n}]")
+  if query_bd.shape[-1] != d:
+    raise ValueError(f"device_top_k: queries {query_bd.shape} and corpus {corpus_nd.shape} "
+                     "differ in dimension")
+  scores_bk, rows_bk = topk_chunked(jax.lax.stop_gradient(query_bd), corpus_nd, k, chunk=chunk)
+  return TopK(rows_bk.astype(jnp.int32), scores_bk, jnp.take(corpus_nd, rows_bk, axis=0))

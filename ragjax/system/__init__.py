@@ -1,0 +1,1 @@
+"""A RAG system from a config: towers, tokenizers, generator inputs, retrieval feeding."""

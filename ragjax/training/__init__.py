@@ -1,0 +1,1 @@
+"""Training: optimiser, train state, the jitted step, the loop, workdir, AOT compiles."""
