@@ -43,8 +43,8 @@ import jax
 import jax.numpy as jnp
 
 from ragjax.config import LOSSES
+from ragjax.objectives.reduce import check_reduce, reduce_loss
 
-_REDUCTIONS = ("mean", "sum", "none")
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -114,8 +114,7 @@ def _entropy(logp_bk: jax.Array) -> jax.Array:
 
 
 def _check(logits_bktv, doc_scores_bk, targets_bt, target_mask_bt, reduce):
-  if reduce not in _REDUCTIONS:
-    raise ValueError(f"reduce must be one of {_REDUCTIONS}, got {reduce!r}")
+  check_reduce(reduce)
   if logits_bktv.ndim != 4:
     raise ValueError(f"logits must be [B, K, T, V], got shape {logits_bktv.shape}")
   b, k, t, _ = logits_bktv.shape
@@ -126,13 +125,6 @@ def _check(logits_bktv, doc_scores_bk, targets_bt, target_mask_bt, reduce):
     if x.shape != (b, t):
       raise ValueError(f"{name} shape {x.shape} != (B, T) = {(b, t)} of logits "
                        f"{logits_bktv.shape}")
-
-
-def _reduce(loss_b: jax.Array, reduce: str) -> jax.Array:
-  if reduce == "none":
-    return loss_b
-  total = jnp.sum(loss_b)
-  return total if reduce == "sum" else total / loss_b.shape[0]
 
 
 def _smoothing_on(label_smoothing) -> bool:
@@ -233,7 +225,7 @@ def rag_sequence_nll(logits_bktv: jax.Array, doc_scores_bk: jax.Array, targets_b
     smooth_bk = jnp.sum(jnp.where(mask_bt[:, None, :], vsum_bkt, 0.0), axis=-1) + v * prior_bk
     smooth_b = -jax.nn.logsumexp(smooth_bk, axis=-1)
     loss_b = (1.0 - label_smoothing) * loss_b + (label_smoothing / v) * smooth_b
-  return _reduce(loss_b, reduce)
+  return reduce_loss(loss_b, reduce)
 
 
 def rag_token_nll(logits_bktv: jax.Array, doc_scores_bk: jax.Array, targets_bt: jax.Array,
@@ -266,7 +258,7 @@ def rag_token_nll(logits_bktv: jax.Array, doc_scores_bk: jax.Array, targets_bt: 
     marg_btv = jax.nn.logsumexp(logp_bktv + logp_bk[:, :, None, None], axis=1)
     smooth_b = -jnp.sum(jnp.where(mask_bt, jnp.sum(marg_btv, axis=-1), 0.0), axis=-1)
     loss_b = (1.0 - label_smoothing) * loss_b + (label_smoothing / v) * smooth_b
-  return _reduce(loss_b, reduce)
+  return reduce_loss(loss_b, reduce)
 
 
 def seq2seq_nll(logits_btv: jax.Array, targets_bt: jax.Array, target_mask_bt: jax.Array, *,
