@@ -85,8 +85,11 @@ def _load_retriever(spec: str, max_length: int | None):
 
 
 def cmd_make_bios(args):
-  from ragjax.data.synthetic import write_bios
-  paths = write_bios(args.out, args.num_people, seed=args.seed, eval_fraction=args.eval_fraction)
+  if args.layout == "documents":
+    from ragjax.data.synthetic_docs import write_bio_documents as write
+  else:
+    from ragjax.data.synthetic import write_bios as write
+  paths = write(args.out, args.num_people, seed=args.seed, eval_fraction=args.eval_fraction)
   for name, path in paths.items():
     print(f"{name}: {path}")
 
@@ -336,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--num-people", type=int, default=2000)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--eval-fraction", type=float, default=0.2)
+  p.add_argument("--layout", choices=("single", "documents"), default="single",
+                 help="single: one biography passage per person; documents: profile and news "
+                 "documents in passages, names mostly in titles (default: %(default)s)")
   p.add_argument("--out", required=True)
 
   p = add("embed", cmd_embed, "embed a corpus into resumable shards with a manifest")

@@ -31,6 +31,7 @@ INDEX_KINDS = ("auto", "device", "scann", "exact_host")
 REFRESH_MODES = ("off", "async", "sync")
 LR_SCHEDULES = ("linear", "cosine", "constant")
 DATA_SOURCES = ("bios", "files", "squad_split")
+BIOS_LAYOUTS = ("single", "documents")
 
 
 def _literal(text: str):
@@ -135,6 +136,7 @@ def base_config() -> ml_collections.ConfigDict:
       source="bios",              # "bios" | "files" | "squad_split"
       seed=0,                     # example order: permutation per (seed, epoch)
       num_people=2000, bios_seed=0, eval_fraction=0.2,       # source=bios
+      bios_layout="single",       # "single" | "documents" (source=bios; data.synthetic_docs)
       corpus="", train_questions="", eval_questions="",      # source=files
       squad="", num_eval_articles=10, split_seed=0,          # source=squad_split
       max_train_questions=0, max_eval_questions=0)           # 0 = all
@@ -326,6 +328,8 @@ def _validate_sources(cfg) -> None:
   d = cfg.data
   if d.source not in DATA_SOURCES:
     raise DataError("expected bios, files or squad_split", path=d.source, field="data.source")
+  if d.source == "bios":
+    _choice(d.get("bios_layout", "single"), BIOS_LAYOUTS, "data.bios_layout")
   if d.source != "bios":
     for key in ("corpus", "train_questions", "eval_questions") if d.source == "files" else (
         "squad",):

@@ -70,6 +70,7 @@ def _smoke(*overrides):
     ("index.refresh.max_staleness_steps=-1", "max_staleness_steps must be >= 0"),
     ("generator.init=gpt:x", "generator.init"),
     ("retriever.init=/no/such/dir", "retriever.init"),
+    ("data.bios_layout=pages", "data.bios_layout 'pages'"),
 ])
 def test_validate_names_the_key(override, words):
   import re

@@ -6,12 +6,15 @@ from ragjax.data.corpus import Passage, read_passages
 from ragjax.data.qa import Question, read_questions
 from ragjax.data.splits import squad_article_split
 from ragjax.data.synthetic import make_bios
+from ragjax.data.synthetic_docs import make_bio_documents
 from ragjax.errors import DataError
 
 
 def load_data(cfg) -> tuple[list[Passage], list[Question], list[Question]]:
   """`(passages, train questions, eval questions)` of `cfg.data.source`:
-  "bios" (built-in synthetic biographies), "files" (corpus + question files), or
+  "bios" (built-in synthetic biographies; `data.bios_layout` "single": one passage per person,
+  "documents": profile and news documents, `ragjax.data.synthetic_docs`), "files" (corpus +
+  question files), or
   "squad_split" (SQuAD v1.1 dev split by article, `ragjax.data.splits`).
 
   The config's sources are checked by `ragjax.config.validate` (paths exist, known source).
@@ -19,8 +22,16 @@ def load_data(cfg) -> tuple[list[Passage], list[Question], list[Question]]:
   """
   d = cfg.data
   if d.source == "bios":
-    bios = make_bios(int(d.num_people), seed=int(d.bios_seed),
-                     eval_fraction=float(d.eval_fraction))
+    layout = d.get("bios_layout", "single")
+    if layout == "documents":  # multi-passage documents: a frozen retriever is weak there
+      bios = make_bio_documents(int(d.num_people), seed=int(d.bios_seed),
+                                eval_fraction=float(d.eval_fraction))
+    elif layout == "single":
+      bios = make_bios(int(d.num_people), seed=int(d.bios_seed),
+                       eval_fraction=float(d.eval_fraction))
+    else:
+      raise DataError("expected 'single' or 'documents'", path=str(layout),
+                      field="data.bios_layout")
     passages, train, evals = bios.passages, bios.train_questions, bios.eval_questions
   elif d.source == "files":
     passages = read_passages(d.corpus)

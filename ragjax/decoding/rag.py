@@ -17,7 +17,8 @@ decoder start token, the generated tokens, pad after EOS.
   the beam search on z, so p(y|x) ~ sum over the passages z whose beams contain y of
   p_eta(z|x) p_beam(y|x,z), with p_beam the beam search's own (processed: a forced token counts
   log 1) sequence probability, recovered from its length-penalised score.
-Equations are numbered as in `ragjax.objectives.rag_losses` (eq. 1 prior, eq. 2 RAG-Sequence, eq. 3 RAG-Token).
+Equations are numbered as in `ragjax.objectives.rag_losses` (eq. 1 prior, eq. 2 RAG-Sequence,
+eq. 3 RAG-Token).
 """
 from __future__ import annotations
 
@@ -259,7 +260,8 @@ def rag_sequence_generate(model: RagModel, params, context_ids_bkl, context_mask
                           rescore_batch: int | None = None) -> RagSequenceOutput:
   """RAG-Sequence decoding, "thorough" or "fast" (module docstring; RAG §2.5).
 
-  The per-passage search is `ragjax.decoding.beam.beam_search` (greedy for num_beams=1 in "thorough", as
+  The per-passage search is `ragjax.decoding.beam.beam_search` (greedy for num_beams=1 in
+  "thorough", as
   HF), so candidate c is the (c % num_beams)-th finished hypothesis of passage c // num_beams.
   "thorough" scores all C candidates on all K passages (`thorough_scores`; `rescore_batch`
   candidates at a time through `lax.map`, all at once when None); `hf_compat=True` adds HF's

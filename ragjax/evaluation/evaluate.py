@@ -63,6 +63,18 @@ def decode_batch(feeder: Feeder, params, batch: dict, ecfg) -> tuple[np.ndarray,
   return gather(seqs), gather(scores)
 
 
+def hub_stats(top1_n: np.ndarray, num_passages: int) -> dict:
+  """How concentrated the questions' top-1 passages are (hubness, Radovanovic et al. 2010): the
+  fraction of distinct passages among the N top-1 rows (1.0: every question retrieves its own;
+  a collapsed query encoder sends many questions to a few passages), the largest share of
+  questions one passage is top-1 for, and the corpus fraction ever retrieved at rank 1."""
+  top1_n = np.asarray(top1_n)
+  counts = np.bincount(top1_n, minlength=num_passages)
+  return {"top1_distinct_fraction": float(len(np.unique(top1_n)) / len(top1_n)),
+          "top1_max_share": float(counts.max() / len(top1_n)),
+          "top1_corpus_coverage": float(np.count_nonzero(counts) / num_passages)}
+
+
 def evaluate(feeder: Feeder, params, questions: Sequence[Question], ecfg, step: int = 0,
              num_examples: int = 20) -> dict:
   """Exact match, F1 and answer recall@k over `questions` (module docstring).
@@ -70,7 +82,8 @@ def evaluate(feeder: Feeder, params, questions: Sequence[Question], ecfg, step: 
   Questions are decoded in global batches of `ecfg.batch_size` (the last one padded by
   repetition, padding not scored). Returns a JSON-able dict with `step`, `num_questions`,
   `exact_match`, `f1` (fractions in [0, 1]), `answer_recall` `{"@k": r}` for k in
-  `ecfg.recall_ks` (k beyond K: the same search run k deep, `Feeder.top_rows`), `decoding`,
+  `ecfg.recall_ks` (k beyond K: the same search run k deep, `Feeder.top_rows`), `retrieval`
+  (`hub_stats` of the top-1 passages), `decoding`,
   `seconds`, and the first `num_examples` predictions (with the K passages the generator read).
 
   Raises: ValueError on an empty question list or an unknown decoding.
@@ -111,6 +124,7 @@ def evaluate(feeder: Feeder, params, questions: Sequence[Question], ecfg, step: 
                      for q, row in zip(questions, rows)], dtype=bool)
     ks = [k for k in ecfg.recall_ks if k <= hits.shape[1]]
     out["answer_recall"] = recall_at_k(hits, ks)
+    out["retrieval"] = hub_stats(rows[:, 0], len(system.passages))
   out["seconds"] = round(time.perf_counter() - t0, 2)
   out["examples"] = [{"question": q.question, "answers": list(q.answers), "prediction": p,
                       "passages": ([system.passages[r].id for r in row[:system.k]]

@@ -52,7 +52,8 @@ def publish_version(workdir, step: int, embeddings_nd: np.ndarray, *, passage_id
                     encoder: dict, index_kind: str = "exact", scann_params=None,
                     extra: dict | None = None) -> dict:
   """Write `W/index/<step>/` atomically: `embeddings.npy` `[N, D]` float32, a ScaNN index when
-  `index_kind == "scann"` (the run's resolved `ragjax.system.feed` kind), and the manifest (checkpoint
+  `index_kind == "scann"` (the run's resolved `ragjax.system.feed` kind), and the manifest
+  (checkpoint
   step, corpus fingerprint, count, dimension, encoder, build seconds, plus `extra` such as embed
   seconds). Returns the manifest."""
   emb = np.ascontiguousarray(embeddings_nd, np.float32)

@@ -184,7 +184,8 @@ def rag_loss(model: RagModel, params, batch: dict, loss_name: str = "rag_token",
 
   doc scores `[B, K]` from `batch_doc_scores` (live query encoder: RAG §2.4), generator logits
   `[B, K, T, V]` on `context_input_ids` / `context_attention_mask` `[B, K, L]`, targets from
-  `batch_targets`, then `losses.get_loss_fn(loss_name)` (RAG eq. 1-3 as in `ragjax.objectives.rag_losses`:
+  `batch_targets`, then `losses.get_loss_fn(loss_name)` (RAG eq. 1-3 as in
+  `ragjax.objectives.rag_losses`:
   HF's get_nll, token-summed NLL per example; `reduce` "mean" | "sum" | "none").
 
   aux (float32 scalars, batch means): `retrieval_entropy` H(p_eta(z|x)) (log K = uniform,

@@ -2,7 +2,8 @@
 
 Two measures per k (Karpukhin et al. 2020, sec. 5.1, "top-k retrieval accuracy"):
   gold:   a gold passage id of the question is among the top k (when questions carry gold ids)
-  answer: a top-k passage's text contains an answer (`ragjax.data.answers.has_answer`: SQuAD-normalised
+  answer: a top-k passage's text contains an answer (`ragjax.data.answers.has_answer`:
+          SQuAD-normalised
           token run; regex search for CuratedTREC)
 """
 from __future__ import annotations

@@ -8,7 +8,8 @@
 An index directory holds its files and a `manifest.json` (kind, encoder identity, count,
 dimension, build parameters, build seconds) written last. The directory is assembled under a
 temporary sibling name and renamed into place, so a killed build never leaves a directory that
-loads: `ragjax.retrieval.registry.load_index` refuses one without a manifest, and checks count and dimension.
+loads: `ragjax.retrieval.registry.load_index` refuses one without a manifest, and checks count
+and dimension.
 """
 from __future__ import annotations
 

@@ -2,14 +2,15 @@
 
 Two ways behind one interface (`Feeder`), chosen by `cfg.index.kind` ("auto" picks by size):
 
-* `device` (`DeviceFeeder`): the passage embeddings `[N, D]` live on the mesh (rows sharded by the `corpus` rule
-  when N divides, else replicated) with the passage-part token table; one jitted `retrieve`
-  encodes the queries with the live query encoder, takes the exact top-k (`device_top_k`, MIPS
-  on the accelerator) and assembles the generator inputs `[B, K, L]` without leaving the device.
+* `device` (`DeviceFeeder`): the passage embeddings `[N, D]` live on the mesh (rows sharded by
+  the `corpus` rule when N divides, else replicated) with the passage-part token table; one
+  jitted `retrieve` encodes the queries with the live query encoder, takes the exact top-k
+  (`device_top_k`, MIPS on the accelerator) and assembles the generator inputs `[B, K, L]`
+  without leaving the device.
 * `scann` / `exact_host` (`HostFeeder`): the queries are encoded on the device (live query
   encoder), gathered to the host, searched with ScaNN (`ragjax.retrieval.scann_index`) or the
-  exact index, and each process assembles its rows of the
-  generator inputs with numpy before `jax.make_array_from_process_local_data`.
+  exact index, and each process assembles its rows of the generator inputs with numpy before
+  `jax.make_array_from_process_local_data`.
 
 Either way the train step sees the same static-shape batch: `query_input_ids` /
 `query_attention_mask` `[B, Lq]`, `passage_embeddings` `[B, K, D]`, `context_input_ids` /

@@ -25,11 +25,13 @@ from ragjax.training.state import Shapes, TrainState
 def make_train_step(model: RagModel, cfg, tx, schedule):
   """`train_step(state, batch, rng) -> (state, metrics)` (pure; jit it with shardings).
 
-  `batch`: the step batch of `ragjax.system.feed` (global batch G rows). With `grad_accum_steps` A > 1
-  the batch is split into A micro-batches of G/A rows (row i goes to micro-batch i mod A) whose
-  gradients are averaged. Metrics: `loss` (mean token-summed NLL per example), `grad_norm`
-  (before clipping), `learning_rate` (base, before tower multipliers), `finite`, and the aux of
-  `rag_loss` (`retrieval_entropy`, ...).
+  `batch`: the step batch of `ragjax.system.feed` (global batch G rows). With
+  `grad_accum_steps` A > 1 the batch is split into A micro-batches of G/A rows (row i goes to
+  micro-batch i mod A) whose gradients are averaged. Metrics: `loss` (mean token-summed NLL per
+  example), `grad_norm` (before clipping), `grad_norm_<tower>` for each trained tower (before
+  clipping, after its start-step gate), `update_norm_<tower>` (the optimiser's step),
+  `learning_rate` (base, before tower multipliers), `finite`, and the aux of `rag_loss`
+  (`retrieval_entropy`, ...).
   """
   loss_name, smoothing = cfg.model.loss, float(cfg.model.label_smoothing)
   frozen = config_lib.frozen_towers(cfg.optim)
@@ -69,8 +71,17 @@ def make_train_step(model: RagModel, cfg, tx, schedule):
                               for t, g in grads["bi_encoder"].items()},
                "generator": _gate(grads["generator"], state.step, starts.get("generator", 0))}
     grad_norm = optax.tree.norm(grads)
+    tower_norms = {f"grad_norm_{t}": optax.tree.norm(grads["bi_encoder"][t])
+                   for t in ("query_encoder", "passage_encoder") if t not in frozen}
+    if "generator" not in frozen:
+      tower_norms["grad_norm_generator"] = optax.tree.norm(grads["generator"])
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    for t in ("query_encoder", "passage_encoder"):  # the step each trained tower takes
+      if t not in frozen:
+        tower_norms[f"update_norm_{t}"] = optax.tree.norm(updates["bi_encoder"][t])
+    if "generator" not in frozen:
+      tower_norms["update_norm_generator"] = optax.tree.norm(updates["generator"])
     params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     nonfinite = jnp.where((state.nonfinite_step < 0) & ~finite, state.step,
@@ -79,7 +90,7 @@ def make_train_step(model: RagModel, cfg, tx, schedule):
                               opt_state=keep(opt_state, state.opt_state),
                               nonfinite_step=nonfinite)
     metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
-               "finite": finite.astype(jnp.float32), **aux}
+               "finite": finite.astype(jnp.float32), **tower_norms, **aux}
     return new_state, metrics
 
   return train_step
