@@ -31,6 +31,7 @@ INDEX_KINDS = ("auto", "device", "scann", "exact_host")
 REFRESH_MODES = ("off", "async", "sync")
 LR_SCHEDULES = ("linear", "cosine", "constant")
 DATA_SOURCES = ("bios", "files", "squad_split")
+RETRIEVER_LOSSES = ("none", "pdist", "emdr2", "loop")
 BIOS_LAYOUTS = ("single", "documents")
 
 
@@ -156,8 +157,12 @@ def base_config() -> ml_collections.ConfigDict:
       compute_dtype="float32",    # "bfloat16": bf16 matmuls, float32 parameters
       doc_score_scale=1.0,        # p(z|x) = softmax(scale * q·d): 1 for DPR, ~20 for cosine
       reencode_passages=False,    # joint training: the step re-encodes the K passages (REALM)
-      rerank_candidates=0)        # >K: retrieve this many, keep the top K by the live passage
+      rerank_candidates=0,        # >K: retrieve this many, keep the top K by the live passage
                                   # encoder (Atlas's over-retrieve-then-rerank); 0: off
+      retriever_loss="none",      # none (the marginal trains it) | pdist | emdr2 | loop (Atlas)
+      retriever_temperature=1.0,  # Atlas's temperature_score (divides the doc scores)
+      target_temperature=1.0,     # Atlas's temperature_gold (divides the reader-side target)
+      retriever_loss_weight=1.0)  # its weight beside the generator's NLL
   c.index = dict(
       kind="auto",                # auto | device (exact top-k on the mesh) | scann | exact_host
       device_max_bytes=2 * 2**30, chunk=65536,
@@ -288,6 +293,7 @@ def validate(cfg, mesh=None, *, data: bool = True) -> None:
   _choice(cfg.eval.decoding, DECODINGS, "eval.decoding")
   _choice(cfg.index.kind, INDEX_KINDS, "index.kind")
   _choice(o.schedule, LR_SCHEDULES, "optim.schedule")
+  _validate_retriever_loss(m)
   frozen = frozen_towers(o)
   towers(dict(o.lr_multipliers), "optim.lr_multipliers")
   towers(dict(o.start_steps), "optim.start_steps")
@@ -300,6 +306,20 @@ def validate(cfg, mesh=None, *, data: bool = True) -> None:
     _validate_sources(cfg)
   if mesh is not None:
     _validate_mesh(cfg, mesh)
+
+
+def _validate_retriever_loss(m) -> None:
+  name = m.get("retriever_loss", "none")
+  if name == "adist":
+    raise ConfigError("model.retriever_loss='adist' distils the reader's cross-attention: it needs "
+                      "a Fusion-in-Decoder reader (one cross-attention over all K passages); "
+                      "this reader reads each passage apart. Use pdist, emdr2 or loop")
+  _choice(name, RETRIEVER_LOSSES, "model.retriever_loss")
+  if name != "none" and m.loss == "closed_book":
+    raise ConfigError("model.retriever_loss: closed_book retrieves nothing to train")
+  for key in ("retriever_temperature", "target_temperature"):
+    if not float(m.get(key, 1.0)) > 0:
+      raise ConfigError(f"model.{key}={m.get(key)}: expected a positive number")
 
 
 def _validate_refresh(cfg, frozen) -> None:

@@ -30,6 +30,7 @@ from ragjax import sharding as sh
 from ragjax.models.bert import BertConfig, BiEncoder
 from ragjax.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from ragjax.objectives import rag_losses as losses
+from ragjax.objectives import retriever_losses
 
 Array = jax.Array
 
@@ -179,7 +180,9 @@ def batch_doc_scores(model: RagModel, params, batch: dict, *, deterministic: boo
 
 def rag_loss(model: RagModel, params, batch: dict, loss_name: str = "rag_token",
              label_smoothing: float = 0.0, *, reduce: str = "mean", deterministic: bool = True,
-             rng: Array | None = None) -> tuple[Array, dict]:
+             rng: Array | None = None, retriever_loss: str = "none",
+             retriever_temperature: float = 1.0, target_temperature: float = 1.0,
+             retriever_weight: float = 1.0) -> tuple[Array, dict]:
   """`(loss, aux)` of one batch, jittable (close over everything but `params`, `batch`, `rng`).
 
   doc scores `[B, K]` from `batch_doc_scores` (live query encoder: RAG §2.4), generator logits
@@ -194,9 +197,23 @@ def rag_loss(model: RagModel, params, batch: dict, loss_name: str = "rag_token",
   second-best score; 0 when K = 1), `nll_per_token` (RAG-Sequence -log p(y|x) / tokens),
   `num_tokens`.
 
-  Raises: ValueError for an unknown loss; KeyError for a batch without doc-score inputs.
+  `retriever_loss` other than "none" trains the retriever by an Atlas objective instead of
+  through the marginal (Izacard et al. 2022, §2.2): the marginal NLL then reads the doc scores
+  under stop-gradient (it trains the generator only) and `retriever_weight` times the objective
+  is added, on the same K passages, with the reader-side target under stop-gradient:
+  "pdist" (`perplexity_distillation_loss`, target the per-token mean log p(y|x,z)), "emdr2"
+  (`emdr_loss`, sequence level), "loop" (`leave_one_out_loss`, target the per-token mean of
+  log p(y|x, Z without z) = log sum_{j != z} p(j|x) p(y|x,j) / sum_{j != z} p(j|x): this
+  reader reads each passage apart, so leaving one out is a re-marginalisation); the KL losses
+  reduce as Atlas does ("elementwise_mean"). aux then has `retriever_loss` (its value).
+
+  Raises: ValueError for an unknown loss or retriever loss; KeyError for a batch without
+  doc-score inputs.
   """
   loss_fn = losses.get_loss_fn(loss_name)
+  if retriever_loss not in ("none", "pdist", "emdr2", "loop"):
+    raise ValueError(f"retriever_loss {retriever_loss!r}: expected none, pdist, emdr2 or loop "
+                     "(adist needs a FiD reader's cross-attention)")
   rngs = None if deterministic else {"dropout": rng}
   if not deterministic and rng is None:
     raise ValueError("rag_loss: deterministic=False needs rng (dropout)")
@@ -206,10 +223,17 @@ def rag_loss(model: RagModel, params, batch: dict, loss_name: str = "rag_token",
                             batch["context_attention_mask"], dec_bt,
                             method=RagModel.generator_logits, deterministic=deterministic,
                             rngs=rngs)
-  loss = loss_fn(logits_bktv, scores_bk, targets_bt, mask_bt, label_smoothing=label_smoothing,
-                 reduce=reduce)
+  reader_scores_bk = scores_bk if retriever_loss == "none" else jax.lax.stop_gradient(scores_bk)
+  loss = loss_fn(logits_bktv, reader_scores_bk, targets_bt, mask_bt,
+                 label_smoothing=label_smoothing, reduce=reduce)
   stats = losses.marginal_answer_logprob(jax.lax.stop_gradient(logits_bktv),
                                          jax.lax.stop_gradient(scores_bk), targets_bt, mask_bt)
+  extra = {}
+  if retriever_loss != "none":
+    r_loss = retriever_objective(retriever_loss, scores_bk, stats, retriever_temperature,
+                                 target_temperature)
+    loss = loss + retriever_weight * r_loss
+    extra["retriever_loss"] = r_loss
   s_bk = jax.lax.stop_gradient(scores_bk)
   valid_bk = jnp.isfinite(s_bk)  # -inf marks an empty passage slot
   n_valid = jnp.maximum(jnp.sum(valid_bk), 1)
@@ -226,5 +250,29 @@ def rag_loss(model: RagModel, params, batch: dict, loss_name: str = "rag_token",
       doc_score_mean=mean, doc_score_std=std, doc_score_max=jnp.mean(top2_bk[:, 0]),
       doc_score_margin=jnp.mean(margin_b),
       nll_per_token=-jnp.sum(stats.rag_sequence_logprob_b) / jnp.maximum(jnp.sum(tokens_b), 1.0),
-      num_tokens=jnp.mean(tokens_b))
+      num_tokens=jnp.mean(tokens_b), **extra)
   return loss, aux
+
+
+def retriever_objective(name: str, scores_bk: Array, stats, retriever_temperature: float,
+                        target_temperature: float) -> Array:
+  """The Atlas retriever objective `name` ("pdist" | "emdr2" | "loop", see `rag_loss`) of doc
+  scores `[B, K]` (with gradient) against the reader's `losses.RagStats` (under stop-gradient):
+  a float32 scalar."""
+  tokens_b1 = jnp.maximum(stats.num_tokens_b, 1.0)[:, None]
+  if name == "pdist":
+    return retriever_losses.perplexity_distillation_loss(
+        scores_bk, stats.seq_logprob_bk / tokens_b1, retriever_temperature=retriever_temperature,
+        target_temperature=target_temperature)
+  if name == "emdr2":
+    return retriever_losses.emdr_loss(scores_bk, stats.seq_logprob_bk,
+                                      retriever_temperature=retriever_temperature)
+  k = scores_bk.shape[1]
+  others_kk = ~jnp.eye(k, dtype=bool)                                  # [k, j]: j != k
+  joint_bk = stats.log_prior_bk + stats.seq_logprob_bk
+  mask = lambda x_bk: jnp.where(others_kk[None], x_bk[:, None, :], -jnp.inf)  # [B, k, j]
+  loo_bk = (jax.nn.logsumexp(mask(joint_bk), axis=-1)
+            - jax.nn.logsumexp(mask(stats.log_prior_bk), axis=-1))
+  return retriever_losses.leave_one_out_loss(
+      scores_bk, loo_bk / tokens_b1, retriever_temperature=retriever_temperature,
+      target_temperature=target_temperature)

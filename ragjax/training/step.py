@@ -36,6 +36,11 @@ def make_train_step(model: RagModel, cfg, tx, schedule):
   loss_name, smoothing = cfg.model.loss, float(cfg.model.label_smoothing)
   frozen = config_lib.frozen_towers(cfg.optim)
   accum = int(cfg.train.grad_accum_steps)
+  m = cfg.model
+  retriever_kw = dict(retriever_loss=str(m.get("retriever_loss", "none")),
+                      retriever_temperature=float(m.get("retriever_temperature", 1.0)),
+                      target_temperature=float(m.get("target_temperature", 1.0)),
+                      retriever_weight=float(m.get("retriever_loss_weight", 1.0)))
 
   def loss_fn(params, batch, rng):
     bi = {t: jax.lax.stop_gradient(p) if t in frozen else p
@@ -43,7 +48,8 @@ def make_train_step(model: RagModel, cfg, tx, schedule):
     gen = params["generator"]
     p = {"bi_encoder": bi,
          "generator": jax.lax.stop_gradient(gen) if "generator" in frozen else gen}
-    return rag_loss(model, p, batch, loss_name, smoothing, deterministic=False, rng=rng)
+    return rag_loss(model, p, batch, loss_name, smoothing, deterministic=False, rng=rng,
+                    **retriever_kw)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   starts = {t: int(v) for t, v in dict(cfg.optim.start_steps).items() if int(v) > 0}

@@ -1,0 +1,92 @@
+"""Atlas retriever objectives wired into the RAG loss (`model.retriever_loss`): the generator
+learns from the marginal NLL alone, the retriever from the objective alone."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ragjax import config as config_lib
+from ragjax.models.rag import batch_doc_scores, rag_loss, retriever_objective
+from ragjax.objectives import rag_losses, retriever_losses
+from ragjax.training.loop import Run
+from ragjax.training.state import init_state
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  cfg = config_lib.apply_overrides(config_lib.load_config("experiments/bios.py:smoke"), [
+      "mesh.axes=(('data', 1), ('fsdp', 1), ('tensor', 1))", "mesh.num_devices=1",
+      "train.tensorboard=false", "generator.dropout_rate=0.0"])
+  run = Run(cfg, tmp_path_factory.mktemp("robj"))
+  state = init_state(run.model, run.tx, run.shapes, run.system.host_towers(), 0)
+  run.feeder.set_corpus(run.corpus_embeddings(state.params))
+  batch = run.feeder.batch(state.params, run.system.train_questions[:8])
+  keys = ("query_input_ids", "query_attention_mask", "passage_embeddings", "context_input_ids",
+          "context_attention_mask", "labels")
+  return run.model, jax.device_get(state.params), {k: batch[k] for k in keys}
+
+
+def _grads(model, params, batch, **kw):
+  fn = lambda p: rag_loss(model, p, batch, "rag_token", **kw)
+  (loss, aux), g = jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
+  return loss, aux, g
+
+
+def _close_tree(a, b, **tol):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol)
+
+
+@pytest.mark.parametrize("name", ["pdist", "emdr2", "loop"])
+def test_generator_learns_from_the_marginal_and_the_retriever_from_the_objective(setup, name):
+  model, params, batch = setup
+  kw = dict(retriever_temperature=0.5, target_temperature=2.0)
+  base_loss, base_aux, g_none = _grads(model, params, batch)
+  loss, aux, g = _grads(model, params, batch, retriever_loss=name, **kw)
+  # The reader-side target is under stop-gradient: the generator's gradient is the marginal's.
+  _close_tree(g["generator"], g_none["generator"], rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(float(loss), float(base_loss) + float(aux["retriever_loss"]),
+                             rtol=1e-5)
+  q, q_none = g["bi_encoder"]["query_encoder"], g_none["bi_encoder"]["query_encoder"]
+  assert max(float(jnp.max(jnp.abs(x - y))) for x, y in
+             zip(jax.tree.leaves(q), jax.tree.leaves(q_none))) > 0
+  # Weight 0: the marginal no longer reaches the retriever at all.
+  _, _, g0 = _grads(model, params, batch, retriever_loss=name, retriever_weight=0.0, **kw)
+  for x in jax.tree.leaves(g0["bi_encoder"]["query_encoder"]):
+    np.testing.assert_array_equal(np.asarray(x), 0.0)
+
+
+def test_objective_values_against_their_formulas(setup):
+  """PDist's target is the per-token mean answer log-likelihood; with K = 2 leaving one passage
+  out leaves the other, so LOOP's target is the other passage's (hand property)."""
+  model, params, batch = setup
+  scores_bk = np.asarray(batch_doc_scores(model, params, batch), np.float64)
+  dec, targets, mask = (np.asarray(x) for x in jax.tree.map(
+      np.asarray, __import__("ragjax.models.rag", fromlist=["batch_targets"]).batch_targets(
+          batch, model.generator_cfg.pad_token_id)))
+  from ragjax.models.rag import RagModel
+  logits = model.apply({"params": params}, batch["context_input_ids"],
+                       batch["context_attention_mask"], dec, method=RagModel.generator_logits)
+  stats = rag_losses.marginal_answer_logprob(logits, scores_bk.astype(np.float32), targets, mask)
+  # Random towers score both passages alike (KL ~ 1e-8); spread scores test the formulas.
+  scores_bk = np.random.default_rng(0).normal(size=scores_bk.shape) * 2.0
+  seq = np.asarray(stats.seq_logprob_bk, np.float64)
+  tok = np.maximum(np.asarray(stats.num_tokens_b, np.float64), 1)[:, None]
+  assert seq.shape[1] == 2
+
+  def kl(target_bk, tr=0.5, tt=2.0):  # Atlas: KLDivLoss mean over B * K elements
+    lp = scores_bk / tr - np.log(np.exp(scores_bk / tr).sum(-1, keepdims=True))
+    lt = target_bk / tt - np.log(np.exp(target_bk / tt).sum(-1, keepdims=True))
+    return float(np.sum(np.exp(lt) * (lt - lp)) / lt.size)
+  s = jnp.asarray(scores_bk, jnp.float32)
+  got = float(retriever_objective("pdist", s, stats, 0.5, 2.0))
+  np.testing.assert_allclose(got, kl(seq / tok), rtol=1e-4)
+  got = float(retriever_objective("loop", s, stats, 0.5, 2.0))
+  np.testing.assert_allclose(got, kl(-(seq[:, ::-1] / tok)), rtol=1e-4)
+  got = float(retriever_objective("emdr2", s, stats, 0.5, 2.0))
+  lp = scores_bk / 0.5 - np.log(np.exp(scores_bk / 0.5).sum(-1, keepdims=True))
+  want = -np.mean(np.log(np.sum(np.exp(lp + seq), axis=-1)))
+  np.testing.assert_allclose(got, want, rtol=1e-4)
+  with pytest.raises(ValueError, match="adist needs a FiD"):
+    rag_loss(model, params, batch, "rag_token", retriever_loss="adist")
+  assert retriever_losses  # the objectives module the wiring uses
