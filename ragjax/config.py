@@ -19,6 +19,7 @@ import json
 import pathlib
 from dataclasses import dataclass
 
+import jax
 import ml_collections
 
 from ragjax import sharding
@@ -369,7 +370,6 @@ def _validate_sources(cfg) -> None:
 
 
 def _validate_mesh(cfg, mesh) -> None:
-  import jax
   try:
     rules = sharding.check_rules(normalized_axis_rules(cfg), mesh)
   except ValueError as e:
