@@ -39,6 +39,17 @@ carries question-specific evidence (S = 400), the same gradient improves retriev
 also hit a real optimiser bug, fixed in `ragjax.training.optim.delayed_start` (Adam counted the
 frozen steps in its bias correction: first updates 2.5-5x the learning rate); it did not cause
 the collapse (the S = 400 run above ran with the bug and improved).
+
+Tried at S = 0 and refuted (2026-12-02, 2-core Intel Xeon, AVX-512; same command plus
+`--config.model.retriever_loss=emdr2 --config.model.target_evidence=contrastive`, steps=400):
+a question-specific reader target, the evidence log p(y_i|x_i,z) minus the next example's
+answer read with the same passage, so that a passage the generator likes for every answer
+cancels out. Answer recall@1 0.30 / 0.055 / 0.03 / 0.03 at steps 100-400 and one passage the
+top-1 of 27% / 46% / 88% / 60% of the questions: the collapse is as fast. The contrast is close
+to 0 (-0.06 to +0.02 nats per token over steps 20-260) and still pushes every query the same
+way: answers of one kind (dates) share a template, so what the generator likes is the answer
+type's passages, not the question's. No target computed from a reader that does not read carries
+question-specific evidence; the fix has to stop the retriever from taking full Adam steps on it.
 """
 from ragjax import config as config_lib
 

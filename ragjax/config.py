@@ -32,8 +32,11 @@ INDEX_KINDS = ("auto", "device", "scann", "exact_host")
 REFRESH_MODES = ("off", "async", "sync")
 LR_SCHEDULES = ("linear", "cosine", "constant")
 DATA_SOURCES = ("bios", "files", "squad_split")
-RETRIEVER_LOSSES = ("none", "pdist", "emdr2", "loop")
+RETRIEVER_LOSSES = ("none", "pdist", "emdr2", "loop", "adist")
+READERS = ("rag", "fid")
 BIOS_LAYOUTS = ("single", "documents")
+PRETRAIN_OBJECTIVES = ("salient_span", "prefix_lm", "span_corruption")  # ragjax.objectives.pretraining
+PRETRAIN_EXCLUDE = ("passage", "document")
 
 
 def _literal(text: str):
@@ -141,7 +144,12 @@ def base_config() -> ml_collections.ConfigDict:
       bios_layout="single",       # "single" | "documents" (source=bios; data.synthetic_docs)
       corpus="", train_questions="", eval_questions="",      # source=files
       squad="", num_eval_articles=10, split_seed=0,          # source=squad_split
-      max_train_questions=0, max_eval_questions=0)           # 0 = all
+      max_train_questions=0, max_eval_questions=0,           # 0 = all
+      pretrain=dict(              # joint pretraining: train on the corpus itself, not questions
+          objective="none",       # none | salient_span (REALM) | prefix_lm | span_corruption
+          exclude="passage",      # passage | document: what a query may never retrieve
+          seed=0, mask_token="[MASK]", sentinel="<extra_id_{}>", noise_density=0.15,
+          mean_span_length=3.0, max_target_words=8))
   c.retriever = dict(
       init="minilm",              # "minilm" | checkpoint dir | "random"
       passage_max_length=256, embed_batch_size=64,
@@ -154,16 +162,26 @@ def base_config() -> ml_collections.ConfigDict:
       random=dict(arch="bart", d_model=32, num_layers=2, num_heads=4, ffn_size=64))
   c.model = dict(
       k=5, loss="rag_token",      # rag_token | rag_sequence | top1 | closed_book
+      reader="rag",               # rag (each passage apart, marginalised) | fid (Fusion-in-Decoder)
+      retriever_k=0,              # K_r >= k passages retrieved and scored by retriever_loss; the
+                                  # reader reads the top k of them (Atlas); 0: K_r = k
       label_smoothing=0.0, query_max_length=32, context_max_length=128, answer_max_length=16,
       compute_dtype="float32",    # "bfloat16": bf16 matmuls, float32 parameters
       doc_score_scale=1.0,        # p(z|x) = softmax(scale * q·d): 1 for DPR, ~20 for cosine
       reencode_passages=False,    # joint training: the step re-encodes the K passages (REALM)
       rerank_candidates=0,        # >K: retrieve this many, keep the top K by the live passage
                                   # encoder (Atlas's over-retrieve-then-rerank); 0: off
-      retriever_loss="none",      # none (the marginal trains it) | pdist | emdr2 | loop (Atlas)
+      retriever_loss="none",      # none (the marginal trains it) | pdist | emdr2 | loop | adist
       retriever_temperature=1.0,  # Atlas's temperature_score (divides the doc scores)
       target_temperature=1.0,     # Atlas's temperature_gold (divides the reader-side target)
-      retriever_loss_weight=1.0)  # its weight beside the generator's NLL
+      retriever_loss_weight=1.0,  # its weight beside the generator's NLL
+      target_evidence="likelihood")  # likelihood | contrastive (rag reader: log p(y_i|x,z) -
+                                  # log p(y_j|x,z), another example's answer; see rag_loss)
+  c.init = dict(                # start from another run (e.g. joint pretraining -> QA)
+      from_workdir="",            # a `ragjax train` workdir: its towers initialise this run
+      step=0,                     # its checkpoint step (0: the newest)
+      index="reembed")            # reembed (the corpus under its passage encoder) | keep (its
+                                  # published index version of that step)
   c.index = dict(
       kind="auto",                # auto | device (exact top-k on the mesh) | scann | exact_host
       device_max_bytes=2 * 2**30, chunk=65536,
@@ -182,7 +200,9 @@ def base_config() -> ml_collections.ConfigDict:
       weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, clip_grad_norm=1.0,
       lr_multipliers=dict(query_encoder=1.0, passage_encoder=1.0, generator=1.0),
       start_steps=dict(query_encoder=0, passage_encoder=0, generator=0),  # lr 0 before
-      freeze=("passage_encoder",))  # RAG §2.4: the document encoder stays fixed
+      freeze=("passage_encoder",),  # RAG §2.4: the document encoder stays fixed
+      retriever_gate_kl=0.0)      # >0: scale retriever updates by clip(KL(post || prior) / it,
+                                  # 0, 1) nats (training.step); 0: off
   c.train = dict(
       total_steps=1000, global_batch=8, grad_accum_steps=1, log_every=10,
       checkpoint_every=200, keep_checkpoints=3, eval_every=0, async_checkpointing=True,
@@ -271,6 +291,14 @@ def passage_encoder_start(cfg) -> int:
   return int(cfg.optim.start_steps.get("passage_encoder", 0))
 
 
+def retrieved_k(m) -> int:
+  """Passages per example in a step batch: `model.retriever_k` (K_r) when set, else `model.k`
+  (1 for closed_book, which reads the question alone)."""
+  if m.loss == "closed_book":
+    return 1
+  return max(int(m.k), int(m.get("retriever_k", 0) or 0))
+
+
 def _choice(value, options, key: str) -> None:
   if value not in options:
     raise ConfigError(f"{key} {value!r}: expected one of {options}")
@@ -294,30 +322,59 @@ def validate(cfg, mesh=None, *, data: bool = True) -> None:
   _choice(cfg.eval.decoding, DECODINGS, "eval.decoding")
   _choice(cfg.index.kind, INDEX_KINDS, "index.kind")
   _choice(o.schedule, LR_SCHEDULES, "optim.schedule")
-  _validate_retriever_loss(m)
+  _validate_retriever_loss(m, o)
   frozen = frozen_towers(o)
   towers(dict(o.lr_multipliers), "optim.lr_multipliers")
   towers(dict(o.start_steps), "optim.start_steps")
   _validate_refresh(cfg, frozen)
   c = int(m.get("rerank_candidates", 0) or 0)
-  if c and m.loss != "closed_book" and c <= int(m.k):
-    raise ConfigError(f"model.rerank_candidates={c}: expected K={int(m.k)} < it (0: no "
+  k_r = max(int(m.k), int(m.get("retriever_k", 0) or 0))
+  if c and m.loss != "closed_book" and c <= k_r:
+    raise ConfigError(f"model.rerank_candidates={c}: expected K={k_r} < it (0: no "
                       "re-ranking)")
   if data:
     _validate_sources(cfg)
+    _validate_init(cfg)
   if mesh is not None:
     _validate_mesh(cfg, mesh)
 
 
-def _validate_retriever_loss(m) -> None:
+def _validate_retriever_loss(m, o) -> None:
   name = m.get("retriever_loss", "none")
-  if name == "adist":
-    raise ConfigError("model.retriever_loss='adist' distils the reader's cross-attention: it needs "
-                      "a Fusion-in-Decoder reader (one cross-attention over all K passages); "
-                      "this reader reads each passage apart. Use pdist, emdr2 or loop")
+  reader = m.get("reader", "rag")
+  _choice(reader, READERS, "model.reader")
   _choice(name, RETRIEVER_LOSSES, "model.retriever_loss")
+  if name == "adist" and reader != "fid":
+    raise ConfigError("model.retriever_loss='adist' distils the reader's cross-attention: it needs "
+                      "model.reader='fid' (one cross-attention over all K passages); the rag "
+                      "reader reads each passage apart. Use pdist, emdr2 or loop")
+  if reader == "fid" and m.loss in ("closed_book", "top1"):
+    raise ConfigError(f"model.reader='fid' with model.loss={m.loss!r}: the FiD reader reads all K "
+                      "passages with its own NLL; use loss rag_token or rag_sequence (ignored "
+                      "by FiD) or reader 'rag'")
+  k_r = int(m.get("retriever_k", 0) or 0)
+  if k_r:
+    if k_r < int(m.k):
+      raise ConfigError(f"model.retriever_k={k_r} < model.k={int(m.k)}: the retriever scores "
+                        "at least the passages the reader reads (0: the same K)")
+    if k_r > int(m.k) and name == "none":
+      raise ConfigError(f"model.retriever_k={k_r} > model.k={int(m.k)} needs a "
+                        "model.retriever_loss (pdist, emdr2, loop or adist): only it reads the "
+                        "extra passages")
   if name != "none" and m.loss == "closed_book":
     raise ConfigError("model.retriever_loss: closed_book retrieves nothing to train")
+  ev = m.get("target_evidence", "likelihood")
+  _choice(ev, ("likelihood", "contrastive"), "model.target_evidence")
+  if ev == "contrastive" and (name == "none" or reader == "fid"):
+    raise ConfigError("model.target_evidence='contrastive' changes the target of a retriever "
+                      "objective of the rag reader: set model.retriever_loss to pdist, emdr2 or "
+                      "loop and model.reader='rag'")
+  gate = float(o.get("retriever_gate_kl", 0.0) or 0.0)
+  if gate < 0:
+    raise ConfigError(f"optim.retriever_gate_kl={gate}: expected >= 0 (0: off)")
+  if gate > 0 and reader == "fid" and name not in ("pdist", "emdr2"):
+    raise ConfigError("optim.retriever_gate_kl reads the reader's passage posterior: with "
+                      "model.reader='fid' it needs model.retriever_loss pdist or emdr2")
   for key in ("retriever_temperature", "target_temperature"):
     if not float(m.get(key, 1.0)) > 0:
       raise ConfigError(f"model.{key}={m.get(key)}: expected a positive number")
@@ -351,6 +408,12 @@ def _validate_sources(cfg) -> None:
     raise DataError("expected bios, files or squad_split", path=d.source, field="data.source")
   if d.source == "bios":
     _choice(d.get("bios_layout", "single"), BIOS_LAYOUTS, "data.bios_layout")
+  pre = d.get("pretrain", {})
+  if pre and pre.get("objective", "none") != "none":
+    _choice(pre.objective, PRETRAIN_OBJECTIVES + ("none",), "data.pretrain.objective")
+    _choice(pre.exclude, PRETRAIN_EXCLUDE, "data.pretrain.exclude")
+    if cfg.model.loss == "closed_book":
+      raise ConfigError("data.pretrain.objective: closed_book retrieves nothing to pretrain")
   if d.source != "bios":
     for key in ("corpus", "train_questions", "eval_questions") if d.source == "files" else (
         "squad",):
@@ -367,6 +430,38 @@ def _validate_sources(cfg) -> None:
                     path=cfg.generator.init, field="generator.init")
   if kind == "hf" and not pathlib.Path(where).is_dir():
     raise DataError("no such checkpoint directory", path=where, field="generator.init")
+
+
+def shape_config(cfg) -> dict:
+  """The config keys that fix parameter shapes (a checkpoint from a run that differs in them
+  cannot be restored; loss, K, lengths or learning rates may change between runs)."""
+  r, g = cfg.retriever, cfg.generator
+  return {"retriever": {"init": r.init, "random": r.random.to_dict()},
+          "generator": {"init": g.init, "num_layers": g.num_layers,
+                        "random": g.random.to_dict()}}
+
+
+def _flat(tree, prefix=""):
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
+
+
+def _validate_init(cfg) -> None:
+  i = cfg.get("init", {})
+  if not i or not i.get("from_workdir"):
+    return
+  _choice(i.index, ("reembed", "keep"), "init.index")
+  src = pathlib.Path(i.from_workdir)
+  if not (src / "config.json").is_file() or not (src / "checkpoints").is_dir():
+    raise DataError("expected a `ragjax train` workdir (config.json and checkpoints/)",
+                    path=src, field="init.from_workdir")
+  theirs, ours = _flat(shape_config(load_workdir_config(src))), _flat(shape_config(cfg))
+  diff = [f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in sorted(ours)
+          if theirs.get(k) != ours.get(k)]
+  if diff:
+    raise ConfigError(f"init.from_workdir={src}: its towers have other shapes ({'; '.join(diff)})")
 
 
 def _validate_mesh(cfg, mesh) -> None:

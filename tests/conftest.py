@@ -1,14 +1,31 @@
-"""Test set-up: 8 virtual CPU devices (set before jax is imported), offline HuggingFace."""
+"""Test set-up (before jax is imported): 8 virtual CPU devices, XLA:CPU's backend optimisation
+level 0 (compiles ~1.5x faster; a test's time is mostly compilation), one persistent compilation
+cache for the session (the smoke step compiled by one module is reused by the next), offline
+HuggingFace."""
 import os
 import pathlib
+import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                                   "--xla_backend_optimization_level=0")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _JIT_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="ragjax-test-jit-")
+else:
+  _JIT_CACHE = None
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import shutil  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+def pytest_sessionfinish(session, exitstatus):
+  if _JIT_CACHE is not None:
+    shutil.rmtree(_JIT_CACHE, ignore_errors=True)
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

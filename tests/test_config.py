@@ -71,7 +71,7 @@ def _smoke(*overrides):
     ("generator.init=gpt:x", "generator.init"),
     ("retriever.init=/no/such/dir", "retriever.init"),
     ("data.bios_layout=pages", "data.bios_layout 'pages'"),
-    ("model.retriever_loss=adist", "needs a Fusion-in-Decoder reader"),
+    ("model.retriever_loss=adist", "needs model.reader='fid'"),
     ("model.retriever_loss=pdsit", "model.retriever_loss 'pdsit'"),
     ("model.retriever_temperature=0.0", "model.retriever_temperature=0.0: expected a positive"),
 ])

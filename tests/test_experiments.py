@@ -20,6 +20,7 @@ def test_experiment_configs_load_with_and_without_smoke(path):
   assert full.train.total_steps > smoke.train.total_steps or full.to_dict() != smoke.to_dict()
 
 
+@pytest.mark.slow  # ~70 s; the joint SQuAD smoke below covers the same data path in CI
 def test_squad_open_smoke_trains_and_evaluates_on_held_out_articles(tmp_path, shared_data,
                                                                     capsys):
   squad = shared_data / "squad_v1.1" / "dev-v1.1.json.gz"
@@ -57,3 +58,13 @@ def test_squad_open_joint_smoke_trains_both_encoders_with_index_versions(tmp_pat
   assert [r["index_staleness_steps"] for r in records] == [0, 1]  # version 0, no indexer
   assert (tmp_path / "index" / "0" / "manifest.json").is_file()
   assert json.loads((tmp_path / "config.json").read_text())["config"]["optim"]["freeze"] == []
+
+
+@pytest.mark.parametrize("row", ["closed_book", "frozen", "query_ft", "joint", "pretrain",
+                                 "finetune"])
+def test_every_rag2_row_is_a_valid_config(row):
+  for arg in (f"row={row}", f"row={row},smoke"):
+    cfg = config_lib.load_config(f"experiments/bios_documents.py:{arg}")
+    config_lib.validate(cfg, data=False)
+  with pytest.raises(config_lib.ConfigError, match="row 'frozn'"):
+    config_lib.load_config("experiments/bios_documents.py:row=frozn")

@@ -181,7 +181,7 @@ def test_joint_training_config_errors(tmp_path, overrides, words):
     Run(smoke(**overrides), tmp_path)
 
 
-@pytest.mark.parametrize("kind", ["device", "exact_host"])
+@pytest.mark.parametrize("kind", ["device", pytest.param("exact_host", marks=pytest.mark.slow)])
 def test_rerank_over_every_passage_recovers_the_fresh_top_k_from_a_stale_index(tmp_path, kind):
   """Atlas's over-retrieve-then-rerank with C = N candidates scores every passage with the live
   passage encoder, so a badly stale index (random vectors) yields the fresh index's top K."""

@@ -38,7 +38,8 @@ def _close_tree(a, b, **tol):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol)
 
 
-@pytest.mark.parametrize("name", ["pdist", "emdr2", "loop"])
+@pytest.mark.parametrize("name", [pytest.param("pdist", marks=pytest.mark.slow), "emdr2",
+                                  pytest.param("loop", marks=pytest.mark.slow)])
 def test_generator_learns_from_the_marginal_and_the_retriever_from_the_objective(setup, name):
   model, params, batch = setup
   kw = dict(retriever_temperature=0.5, target_temperature=2.0)
@@ -88,3 +89,66 @@ def test_objective_values_against_their_formulas(setup):
   np.testing.assert_allclose(got, want, rtol=1e-4)
   with pytest.raises(ValueError, match="adist needs a FiD"):
     rag_loss(model, params, batch, "rag_token", retriever_loss="adist")
+
+
+def test_contrastive_evidence_subtracts_the_next_examples_answer(setup):
+  """EMDR2 on e_k = log p(y_i|x_i,z_k) - (T_i/T_j) log p(y_{i+1}|x_i,z_k) (sequence level):
+  -mean_b logsumexp_k(log softmax(s / T_r)_k + e_k), against numpy on the model's own logits."""
+  model, params, batch = setup
+  dec, targets, mask = batch_targets(batch, model.generator_cfg.pad_token_id)
+  seq = lambda d, t, m: np.asarray(rag_losses.sequence_logprob(model.apply(
+      {"params": params}, batch["context_input_ids"], batch["context_attention_mask"], d,
+      method=RagModel.generator_logits), t, m), np.float64)
+  roll = lambda x: np.roll(np.asarray(x), -1, axis=0)
+  own, other = seq(dec, targets, mask), seq(roll(dec), roll(targets), roll(mask))
+  n_own, n_other = np.asarray(mask).sum(-1), roll(mask).sum(-1)
+  scores = np.asarray(batch_doc_scores(model, params, batch), np.float64)
+  log_prior = scores / 0.5 - np.log(np.exp(scores / 0.5).sum(-1, keepdims=True))
+
+  def emdr(e_bk):
+    j = log_prior + e_bk
+    return float(-np.mean(np.log(np.exp(j - j.max(-1, keepdims=True)).sum(-1)) + j.max(-1)))
+  kw = dict(retriever_loss="emdr2", retriever_temperature=0.5)
+  evidence = own - (n_own / n_other)[:, None] * other
+  _, aux = rag_loss(model, params, batch, "rag_token", target_evidence="contrastive", **kw)
+  # e_k is a difference of float32 log-likelihoods of ~10 nats: absolute error ~1e-6
+  np.testing.assert_allclose(float(aux["retriever_loss"]), emdr(evidence), rtol=1e-5, atol=2e-6)
+  np.testing.assert_allclose(float(aux["contrastive_evidence"]),
+                             (evidence[:, 0] / n_own).mean(), rtol=1e-5, atol=2e-6)
+  _, plain = rag_loss(model, params, batch, "rag_token", **kw)
+  np.testing.assert_allclose(float(plain["retriever_loss"]), emdr(own), rtol=1e-5)
+  one = {k: v[:1] for k, v in batch.items()}
+  with pytest.raises(ValueError, match="at least 2"):
+    rag_loss(model, params, one, "rag_token", target_evidence="contrastive", **kw)
+
+
+def test_evidence_gate_scales_only_the_retriever_step(tmp_path):
+  """`optim.retriever_gate_kl` = c: the retriever's update is the ungated one times
+  clip(KL(posterior || prior) / c, 0, 1); the generator's is unchanged."""
+  import copy
+  from ragjax.training.step import jit_train_step
+  cfg = config_lib.apply_overrides(config_lib.load_config("experiments/bios.py:smoke"), [
+      "mesh.axes=(('data', 1), ('fsdp', 1), ('tensor', 1))", "mesh.num_devices=1",
+      "train.tensorboard=false", "generator.dropout_rate=0.0"])
+  run = Run(cfg, tmp_path)
+  fresh = lambda: init_state(run.model, run.tx, run.shapes, run.system.host_towers(), 0)
+  run.feeder.set_corpus(run.corpus_embeddings(fresh().params))
+  gated_cfg = copy.deepcopy(cfg)
+  gated_cfg.optim.retriever_gate_kl = 1e3
+  out = {}
+  for name, c in (("plain", cfg), ("gated", gated_cfg)):
+    step = jit_train_step(run.model, c, run.tx, run.schedule, run.shapes, run.mesh, run.rules)
+    state = fresh()
+    for i in range(2):  # step 0 has learning rate 0 (warm-up from 0); step 1 moves
+      batch = run.feeder.batch(state.params, run.system.train_questions[8 * i:8 * i + 8])
+      state, m = step(state, batch, jax.random.key(0))
+    out[name] = jax.device_get(m)
+  plain, gated = out["plain"], out["gated"]
+  g = float(gated["retriever_gate"])
+  assert "retriever_gate" not in plain
+  np.testing.assert_allclose(g, min(float(gated["posterior_prior_kl"]) / 1e3, 1.0), rtol=1e-6)
+  assert 0 < g < 1e-2
+  np.testing.assert_allclose(float(gated["update_norm_query_encoder"]),
+                             g * float(plain["update_norm_query_encoder"]), rtol=1e-4)
+  np.testing.assert_allclose(float(gated["update_norm_generator"]),
+                             float(plain["update_norm_generator"]), rtol=1e-5)

@@ -183,6 +183,7 @@ def test_frozen_passage_encoder_is_unchanged_and_query_encoder_learns(h1):
   assert any(jax.tree.leaves(moved))  # the RAG loss reaches the query encoder through eq. 1
 
 
+@pytest.mark.slow  # ~35 s of compilation for one dtype check
 def test_bfloat16_compute_keeps_float32_params(tmp_path, h1):
   h32 = h1.reset()
   h16 = Harness(smoke(**{"generator.dropout_rate": 0.0, "model.compute_dtype": "bfloat16"}),

@@ -25,12 +25,15 @@ _WS = re.compile(r"\s*")
 
 @dataclasses.dataclass(frozen=True)
 class Question:
-  """A question with its reference answers (strings, or regexes when `answers_are_regex`)."""
+  """A question with its reference answers (strings, or regexes when `answers_are_regex`).
+  `exclude_passage_ids`: corpus ids its retrieval must never return (a pretraining example's own
+  passage or document, `ragjax.data.pretraining`)."""
   id: str
   question: str
   answers: tuple[str, ...]
   gold_passage_ids: tuple[str, ...] = ()
   answers_are_regex: bool = False
+  exclude_passage_ids: tuple[str, ...] = ()
 
 
 def _stem(path) -> str:

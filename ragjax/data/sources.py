@@ -15,7 +15,8 @@ def load_data(cfg) -> tuple[list[Passage], list[Question], list[Question]]:
   "bios" (built-in synthetic biographies; `data.bios_layout` "single": one passage per person,
   "documents": profile and news documents, `ragjax.data.synthetic_docs`), "files" (corpus +
   question files), or
-  "squad_split" (SQuAD v1.1 dev split by article, `ragjax.data.splits`).
+  "squad_split" (SQuAD v1.1 dev split by article, `ragjax.data.splits`). (Joint
+  pretraining replaces the training questions in `ragjax.system.build`.)
 
   The config's sources are checked by `ragjax.config.validate` (paths exist, known source).
   Raises: DataError for bad records (file and line) or no training questions.

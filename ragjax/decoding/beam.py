@@ -214,13 +214,26 @@ def resolve(value, default):
   return default if isinstance(value, str) and value == FROM_CONFIG else value
 
 
+def encode_inputs(model: Seq2Seq, params, input_ids, attention_mask):
+  """Encoder states and mask of the generator's input: `[B, S]` -> `([B, S, E], [B, S])`, or
+  Fusion-in-Decoder contexts `[B, K, L]` (Izacard & Grave 2021, §3): each of the B*K contexts
+  encoded apart, then concatenated per example -> `([B, K*L, E], [B, K*L])`, so the decoder
+  cross-attends over all K passages at once."""
+  if input_ids.ndim == 2:
+    return model.apply({"params": params}, input_ids, attention_mask,
+                       method=Seq2Seq.encode), attention_mask
+  b, k, length = input_ids.shape
+  enc = model.apply({"params": params}, input_ids.reshape(b * k, length),
+                    attention_mask.reshape(b * k, length), method=Seq2Seq.encode)
+  return enc.reshape(b, k * length, -1), attention_mask.reshape(b, k * length)
+
+
 @functools.lru_cache(maxsize=64)
 def _greedy_fn(cfg: Seq2SeqConfig, max_new_tokens: int, forced_bos, forced_eos):
   model = Seq2Seq(cfg)
 
   def run(params, input_ids_bs, attention_mask_bs):
-    encoded = model.apply({"params": params}, input_ids_bs, attention_mask_bs,
-                          method=Seq2Seq.encode)
+    encoded, attention_mask_bs = encode_inputs(model, params, input_ids_bs, attention_mask_bs)
     cache = init_decode_cache(model, params, encoded, attention_mask_bs, max_new_tokens)
     return greedy_search_loop(
         seq2seq_step_fn(model, params), cache, input_ids_bs.shape[0], max_new_tokens,
@@ -235,8 +248,8 @@ def greedy_search(model: Seq2Seq, params, input_ids, attention_mask, max_new_tok
                   forced_eos_token_id: int | None | str = FROM_CONFIG) -> Array:
   """Greedy decoding (HF `generate(do_sample=False, num_beams=1)`).
 
-  Args: `input_ids` / `attention_mask` `[B, S]`; forced token ids default to the model config's
-  (None turns them off). Returns `[B, 1 + max_new_tokens]` int32: the decoder start token, then
+  Args: `input_ids` / `attention_mask` `[B, S]`, or FiD contexts `[B, K, L]` (`encode_inputs`);
+  forced token ids default to the model config's (None turns them off). Returns `[B, 1 + max_new_tokens]` int32: the decoder start token, then
   the generated tokens, `pad_token_id` after EOS. One compilation per (config, length, shapes).
 
   Raises:
@@ -255,8 +268,7 @@ def _beam_fn(cfg: Seq2SeqConfig, num_beams: int, max_new_tokens: int, length_pen
   model = Seq2Seq(cfg)
 
   def run(params, input_ids_bs, attention_mask_bs):
-    encoded = model.apply({"params": params}, input_ids_bs, attention_mask_bs,
-                          method=Seq2Seq.encode)
+    encoded, attention_mask_bs = encode_inputs(model, params, input_ids_bs, attention_mask_bs)
     # Beams of one example adjacent (HF `_expand_inputs_for_generation`).
     encoded_nse = jnp.repeat(encoded, num_beams, axis=0)
     mask_ns = jnp.repeat(attention_mask_bs, num_beams, axis=0)
@@ -278,7 +290,8 @@ def beam_search(model: Seq2Seq, params, input_ids, attention_mask, num_beams: in
   """Beam search (HF `generate(do_sample=False, num_beams=num_beams)`; HF's defaults
   length_penalty=1.0, early_stopping=False).
 
-  Args: `input_ids` / `attention_mask` `[B, S]`; `early_stopping` True (stop an example when
+  Args: `input_ids` / `attention_mask` `[B, S]`, or FiD contexts `[B, K, L]` (`encode_inputs`);
+  `early_stopping` True (stop an example when
   num_beams hypotheses are finished), False (stop when the best running beam, at its current
   length, cannot beat the worst finished one) or "never" (same, at the best possible length);
   forced token ids default to the model config's. Returns a `BeamSearchOutput`; sequences are

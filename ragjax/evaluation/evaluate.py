@@ -3,7 +3,8 @@
 For each question: top-k passages from the current query encoder (`ragjax.system.feed.Feeder`, the
 same retrieval the train step sees), an answer decoded by `cfg.eval.decoding` (RAG-Token beam
 search or greedy; RAG-Sequence "thorough" or "fast"; for the `top1` loss the generator reads the
-best passage only; `closed_book` reads the question alone), and:
+best passage only; `closed_book` reads the question alone; a FiD reader (`model.reader="fid"`)
+decodes one greedy or beam search over its fused K passages), and:
 
 * exact match and token F1 after SQuAD answer normalisation (Rajpurkar et al. 2016, the
   official evaluation script), or regex match for regex answers (CuratedTREC: EM = F1 = match);
@@ -26,8 +27,10 @@ from jax.experimental import multihost_utils
 from ragjax.config import DECODINGS
 from ragjax.data.answers import has_answer, regex_match
 from ragjax.data.qa import Question
+from ragjax.decoding import beam
 from ragjax.decoding.rag import rag_sequence_generate, rag_token_generate
 from ragjax.evaluation.metrics import exact_match, f1
+from ragjax.models.seq2seq import Seq2Seq
 from ragjax.retrieval.evaluate import recall_at_k
 from ragjax.system.feed import Feeder
 
@@ -49,10 +52,16 @@ def decode_batch(feeder: Feeder, params, batch: dict, ecfg) -> tuple[np.ndarray,
       scores = batch["doc_scores"]
     else:
       scores = feeder.doc_scores(params, batch)
-    if system.cfg.model.loss == "top1":
-      ids, mask, scores = ids[:, :1], mask[:, :1], scores[:, :1]
+    k = 1 if system.cfg.model.loss == "top1" else system.reader_k  # the reader's K of K_r
+    ids, mask, scores = ids[:, :k], mask[:, :k], scores[:, :k]
     kw = dict(num_beams=int(ecfg.num_beams), max_new_tokens=int(ecfg.max_new_tokens))
-    if ecfg.decoding == "rag_token" or system.closed_book or system.cfg.model.loss == "top1":
+    if system.cfg.model.get("reader", "rag") == "fid":  # one search over the fused passages
+      gen, g_params = Seq2Seq(model.generator_cfg), params["generator"]
+      if kw["num_beams"] == 1:
+        seqs = beam.greedy_search(gen, g_params, ids, mask, kw["max_new_tokens"])
+      else:
+        seqs = beam.beam_search(gen, g_params, ids, mask, **kw).sequences
+    elif ecfg.decoding == "rag_token" or system.closed_book or system.cfg.model.loss == "top1":
       seqs = rag_token_generate(model, params, ids, mask, scores, **kw).sequences
     elif ecfg.decoding in ("rag_sequence_fast", "rag_sequence_thorough"):
       mode = ecfg.decoding.rsplit("_", 1)[1]
@@ -127,7 +136,7 @@ def evaluate(feeder: Feeder, params, questions: Sequence[Question], ecfg, step: 
     out["retrieval"] = hub_stats(rows[:, 0], len(system.passages))
   out["seconds"] = round(time.perf_counter() - t0, 2)
   out["examples"] = [{"question": q.question, "answers": list(q.answers), "prediction": p,
-                      "passages": ([system.passages[r].id for r in row[:system.k]]
+                      "passages": ([system.passages[r].id for r in row[:system.reader_k]]
                                    if not system.closed_book else [])}
                      for q, p, row in list(zip(questions, preds, rows))[:num_examples]]
   return out

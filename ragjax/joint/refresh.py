@@ -94,13 +94,13 @@ class IndexRefresh:
     version `step` when there is none (a fresh run, or an indexer that never finished); start
     the indexer subprocess when configured."""
     if not self.active:
-      self.run.feeder.set_corpus(self.run.corpus_embeddings(params))
+      self.run.feeder.set_corpus(self.run.initial_embeddings(params))
       return
     if self.run.is_main:
       versions.clear_end_marker(self.workdir)
     latest = self._latest()
     if latest < 0:
-      emb = self.run.corpus_embeddings(params)
+      emb = self.run.initial_embeddings(params)
       if self.run.is_main:
         versions.publish_version(self.workdir, step, emb, passage_ids=[p.id for p in
                                                                  self.run.system.passages],

@@ -182,7 +182,8 @@ def rag_loss(model: RagModel, params, batch: dict, loss_name: str = "rag_token",
              label_smoothing: float = 0.0, *, reduce: str = "mean", deterministic: bool = True,
              rng: Array | None = None, retriever_loss: str = "none",
              retriever_temperature: float = 1.0, target_temperature: float = 1.0,
-             retriever_weight: float = 1.0) -> tuple[Array, dict]:
+             retriever_weight: float = 1.0, reader_k: int | None = None,
+             target_evidence: str = "likelihood") -> tuple[Array, dict]:
   """`(loss, aux)` of one batch, jittable (close over everything but `params`, `batch`, `rng`).
 
   doc scores `[B, K]` from `batch_doc_scores` (live query encoder: RAG §2.4), generator logits
@@ -192,7 +193,9 @@ def rag_loss(model: RagModel, params, batch: dict, loss_name: str = "rag_token",
   HF's get_nll, token-summed NLL per example; `reduce` "mean" | "sum" | "none").
 
   aux (float32 scalars, batch means): `retrieval_entropy` H(p_eta(z|x)) (log K = uniform,
-  0 = one passage), `posterior_entropy` H(p(z|x,y)), `top1_prior` max_z p_eta(z|x),
+  0 = one passage), `posterior_entropy` H(p(z|x,y)), `posterior_prior_kl` KL(p(z|x,y) ||
+  p_eta(z|x)) in nats (how much the reader's evidence moves the prior; 0 while the generator
+  does not read its passages), `top1_prior` max_z p_eta(z|x),
   `doc_score_mean` / `doc_score_std` / `doc_score_max` / `doc_score_margin` (best minus
   second-best score; 0 when K = 1), `nll_per_token` (RAG-Sequence -log p(y|x) / tokens),
   `num_tokens`.
@@ -207,9 +210,26 @@ def rag_loss(model: RagModel, params, batch: dict, loss_name: str = "rag_token",
   reader reads each passage apart, so leaving one out is a re-marginalisation); the KL losses
   reduce as Atlas does ("elementwise_mean"). aux then has `retriever_loss` (its value).
 
-  Raises: ValueError for an unknown loss or retriever loss; KeyError for a batch without
-  doc-score inputs.
+  `reader_k` (default: the batch's K_r) < K_r separates Atlas's two K: the generator and the
+  marginal read the first `reader_k` passages (best first) while the retriever objective scores
+  all K_r, its target from a deterministic stop-gradient pass on the others; the doc-score and
+  entropy statistics are then over the K_r.
+
+  `target_evidence="contrastive"` makes the reader-side evidence for the retriever objective
+  question-specific: e_k = log p(y_i | x_i, z_k) - (T_i / T_j) log p(y_j | x_i, z_k), with y_j
+  the answer of the next example in the batch (j = i + 1 mod B; T the answers' token counts),
+  so the per-token target is the difference of two per-token means. A passage that raises every
+  answer alike (the generator's answer prior before it reads: the measured cause of the
+  retriever collapse, `experiments/bios.py`) cancels out; one that supports this question's
+  answer rather than another's gains (a pointwise-mutual-information reading of the reader's
+  evidence). aux then also has `contrastive_evidence` (batch mean of e_k on the top passage).
+
+  Raises: ValueError for an unknown loss or retriever loss or evidence, reader_k outside
+  [1, K_r], reader_k < K_r without a retriever loss, or contrastive evidence with B < 2;
+  KeyError for a batch without doc-score inputs.
   """
+  if target_evidence not in ("likelihood", "contrastive"):
+    raise ValueError(f"target_evidence {target_evidence!r}: expected likelihood or contrastive")
   loss_fn = losses.get_loss_fn(loss_name)
   if retriever_loss not in ("none", "pdist", "emdr2", "loop"):
     raise ValueError(f"retriever_loss {retriever_loss!r}: expected none, pdist, emdr2 or loop "
@@ -218,40 +238,72 @@ def rag_loss(model: RagModel, params, batch: dict, loss_name: str = "rag_token",
   if not deterministic and rng is None:
     raise ValueError("rag_loss: deterministic=False needs rng (dropout)")
   dec_bt, targets_bt, mask_bt = batch_targets(batch, model.generator_cfg.pad_token_id)
+  ids_bkl, cmask_bkl = batch["context_input_ids"], batch["context_attention_mask"]
+  k_r = ids_bkl.shape[1]
+  k = k_r if reader_k is None else int(reader_k)
+  if not 1 <= k <= k_r:
+    raise ValueError(f"reader_k={k}: expected 1 <= it <= the batch's K_r={k_r} passages")
+  if k < k_r and retriever_loss == "none":
+    raise ValueError(f"reader_k={k} < K_r={k_r}: the extra passages only serve a retriever_loss")
   scores_bk = batch_doc_scores(model, params, batch, deterministic=deterministic, rngs=rngs)
-  logits_bktv = model.apply({"params": params}, batch["context_input_ids"],
-                            batch["context_attention_mask"], dec_bt,
+  logits_bktv = model.apply({"params": params}, ids_bkl[:, :k], cmask_bkl[:, :k], dec_bt,
                             method=RagModel.generator_logits, deterministic=deterministic,
                             rngs=rngs)
   reader_scores_bk = scores_bk if retriever_loss == "none" else jax.lax.stop_gradient(scores_bk)
-  loss = loss_fn(logits_bktv, reader_scores_bk, targets_bt, mask_bt,
+  loss = loss_fn(logits_bktv, reader_scores_bk[:, :k], targets_bt, mask_bt,
                  label_smoothing=label_smoothing, reduce=reduce)
-  stats = losses.marginal_answer_logprob(jax.lax.stop_gradient(logits_bktv),
-                                         jax.lax.stop_gradient(scores_bk), targets_bt, mask_bt)
+  target_logits = jax.lax.stop_gradient(logits_bktv)
+  if k < k_r:  # the retriever objective's passages beyond the reader's, read apart
+    rest = model.apply({"params": jax.lax.stop_gradient(params)}, ids_bkl[:, k:],
+                       cmask_bkl[:, k:], dec_bt, method=RagModel.generator_logits)
+    target_logits = jnp.concatenate([target_logits, jax.lax.stop_gradient(rest)], axis=1)
+  stats = losses.marginal_answer_logprob(target_logits, jax.lax.stop_gradient(scores_bk),
+                                         targets_bt, mask_bt)
   extra = {}
+  if retriever_loss != "none" and target_evidence == "contrastive":
+    if ids_bkl.shape[0] < 2:
+      raise ValueError("target_evidence='contrastive' compares with another example's answer: "
+                       "it needs a batch of at least 2")
+    neg_dec, neg_t, neg_m = (jnp.roll(x, -1, axis=0) for x in (dec_bt, targets_bt, mask_bt))
+    neg_logits = jax.lax.stop_gradient(model.apply(
+        {"params": jax.lax.stop_gradient(params)}, ids_bkl, cmask_bkl, neg_dec,
+        method=RagModel.generator_logits))
+    neg_bk = losses.sequence_logprob(neg_logits, neg_t, neg_m)
+    ratio_b1 = (stats.num_tokens_b / jnp.maximum(jnp.sum(neg_m != 0, -1), 1))[:, None]
+    evidence_bk = stats.seq_logprob_bk - ratio_b1 * neg_bk
+    stats = stats._replace(seq_logprob_bk=evidence_bk)
+    extra["contrastive_evidence"] = jnp.mean(evidence_bk[:, 0] / jnp.maximum(
+        stats.num_tokens_b, 1.0))
   if retriever_loss != "none":
     r_loss = retriever_objective(retriever_loss, scores_bk, stats, retriever_temperature,
                                  target_temperature)
     loss = loss + retriever_weight * r_loss
     extra["retriever_loss"] = r_loss
-  s_bk = jax.lax.stop_gradient(scores_bk)
-  valid_bk = jnp.isfinite(s_bk)  # -inf marks an empty passage slot
+  tokens_b = stats.num_tokens_b
+  aux = dict(
+      retrieval_entropy=jnp.mean(stats.prior_entropy_b),
+      posterior_entropy=jnp.mean(stats.posterior_entropy_b),
+      posterior_prior_kl=jnp.mean(losses.posterior_prior_kl(stats)),
+      top1_prior=jnp.mean(jnp.exp(jnp.max(stats.log_prior_bk, axis=-1))),
+      nll_per_token=-jnp.sum(stats.rag_sequence_logprob_b) / jnp.maximum(jnp.sum(tokens_b), 1.0),
+      num_tokens=jnp.mean(tokens_b), **doc_score_stats(scores_bk), **extra)
+  return loss, aux
+
+
+def doc_score_stats(scores_bk: Array) -> dict:
+  """Logging statistics of doc scores `[B, K]` (-inf = empty slot), under stop-gradient:
+  `doc_score_mean` / `doc_score_std` over the valid slots, `doc_score_max` (batch mean of the best
+  score) and `doc_score_margin` (best minus second best; 0 when K = 1), float32 scalars."""
+  s_bk = jax.lax.stop_gradient(scores_bk).astype(jnp.float32)
+  valid_bk = jnp.isfinite(s_bk)
   n_valid = jnp.maximum(jnp.sum(valid_bk), 1)
   mean = jnp.sum(jnp.where(valid_bk, s_bk, 0.0)) / n_valid
   std = jnp.sqrt(jnp.sum(jnp.where(valid_bk, jnp.square(s_bk - mean), 0.0)) / n_valid)
   top2_bk = jax.lax.top_k(s_bk, min(2, s_bk.shape[1]))[0]
   margin_b = top2_bk[:, 0] - top2_bk[:, -1]
   margin_b = jnp.where(jnp.isfinite(margin_b), margin_b, 0.0)
-  tokens_b = stats.num_tokens_b
-  aux = dict(
-      retrieval_entropy=jnp.mean(stats.prior_entropy_b),
-      posterior_entropy=jnp.mean(stats.posterior_entropy_b),
-      top1_prior=jnp.mean(jnp.exp(jnp.max(stats.log_prior_bk, axis=-1))),
-      doc_score_mean=mean, doc_score_std=std, doc_score_max=jnp.mean(top2_bk[:, 0]),
-      doc_score_margin=jnp.mean(margin_b),
-      nll_per_token=-jnp.sum(stats.rag_sequence_logprob_b) / jnp.maximum(jnp.sum(tokens_b), 1.0),
-      num_tokens=jnp.mean(tokens_b), **extra)
-  return loss, aux
+  return dict(doc_score_mean=mean, doc_score_std=std, doc_score_max=jnp.mean(top2_bk[:, 0]),
+              doc_score_margin=jnp.mean(margin_b))
 
 
 def retriever_objective(name: str, scores_bk: Array, stats, retriever_temperature: float,

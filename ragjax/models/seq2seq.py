@@ -214,7 +214,9 @@ class Attention(nn.Module):
   (padding, causality and T5's relative position bias), broadcastable to `[B, H, Tq, Tk]`.
   Self-attention when `context` is None and `cross=False`; cross-attention over `context`
   `[B, S, E]` otherwise. With `decode=True` keys/values live in the "cache" collection.
-  Returns `[B, Tq, E]`.
+  Cross-attention sows its float32 probabilities `cross_attention` `[B, H, Tq, S]` and the
+  per-head value norms `value_norm` ||v_h|| `[B, H, S]` into "intermediates" (Atlas's ADist
+  inputs) when that collection is mutable. Returns `[B, Tq, E]`.
   """
   cfg: Seq2SeqConfig
   cross: bool = False
@@ -256,7 +258,12 @@ class Attention(nn.Module):
     if cfg.arch == "bart":
       logits_bhqk = logits_bhqk * (d ** -0.5)
     logits_bhqk = logits_bhqk.astype(jnp.float32) + bias
-    probs_bhqk = jax.nn.softmax(logits_bhqk, axis=-1).astype(cfg.dtype)
+    probs_bhqk = jax.nn.softmax(logits_bhqk, axis=-1)
+    if self.cross:  # ADist reads these (apply with mutable=["intermediates"]; else a no-op)
+      self.sow("intermediates", "cross_attention", probs_bhqk)               # [B, H, Tq, S]
+      self.sow("intermediates", "value_norm", jnp.transpose(jnp.linalg.norm(
+          v_bshd.astype(jnp.float32), axis=-1), (0, 2, 1)))                  # [B, H, S]
+    probs_bhqk = probs_bhqk.astype(cfg.dtype)
     probs_bhqk = nn.Dropout(cfg.attention_dropout_rate)(probs_bhqk, deterministic=deterministic)
     ctx_bhqd = jnp.einsum("bhqk,bhkd->bhqd", probs_bhqk, v_bhkd)
     return Dense("bhtd,hde->bte", (h, d, e), (sh.HEADS, sh.HEAD_DIM, sh.EMBED), 1, cfg, stds["o"],

@@ -337,6 +337,15 @@ class RagStats(NamedTuple):
   num_tokens_b: jax.Array          # [B] scored target tokens
 
 
+def posterior_prior_kl(stats: "RagStats") -> jax.Array:
+  """KL(p(z|x,y) || p_eta(z|x)) per example, `[B]` float32 nats: the information the answer adds
+  about which passage was read (0 when the generator scores every passage alike; slots with
+  zero posterior mass contribute 0)."""
+  post_bk = jnp.exp(stats.log_posterior_bk)
+  diff_bk = jnp.where(post_bk > 0, stats.log_posterior_bk - stats.log_prior_bk, 0.0)
+  return jnp.sum(post_bk * diff_bk, axis=-1)
+
+
 def marginal_answer_logprob(logits_bktv: jax.Array, doc_scores_bk: jax.Array,
                             targets_bt: jax.Array, target_mask_bt: jax.Array) -> RagStats:
   """Answer log-likelihoods under eq. 2 and 3, the passage posterior, and the entropies.

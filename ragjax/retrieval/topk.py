@@ -95,3 +95,31 @@ def device_top_k(query_bd: Array, corpus_nd: Array, k: int, *, chunk: int = 6553
                      "differ in dimension")
   scores_bk, rows_bk = topk_chunked(jax.lax.stop_gradient(query_bd), corpus_nd, k, chunk=chunk)
   return TopK(rows_bk.astype(jnp.int32), scores_bk, jnp.take(corpus_nd, rows_bk, axis=0))
+
+
+def exclude_rows(rows_bm, exclude_be, k: int, *, xp=jnp):
+  """Positions of the first `k` retrieved rows not in the query's exclusion list: the own-passage
+  filter of joint pretraining (REALM `postprocess_candidates`, Guu et al. 2020 §3.4: a masked
+  passage must not retrieve itself; Atlas `filter_results_by_id`).
+
+  Retrieve `M = k + E` rows best first, where `E` >= the longest exclusion list: since the rows
+  of one query are distinct, at least `k` survive, so an excluded row never reaches the batch.
+
+  Args:
+    rows_bm: `[B, M]` int corpus rows, best first.
+    exclude_be: `[B, E]` int corpus rows to drop (-1 pads).
+    k: rows to keep (static), `k <= M - E`.
+    xp: `jax.numpy` (jittable) or `numpy` (host path).
+  Returns:
+    `[B, k]` int32 positions into `rows_bm` (order preserved): gather rows, scores, vectors.
+  Raises:
+    ValueError when `k > M - E` (the guarantee above would not hold).
+  """
+  m, e = rows_bm.shape[1], exclude_be.shape[1]
+  if k > m - e:
+    raise ValueError(f"exclude_rows: keeping k={k} of M={m} rows with E={e} exclusions needs "
+                     f"M >= k + E")
+  hit_bm = xp.any((rows_bm[:, :, None] == exclude_be[:, None, :]) & (exclude_be[:, None, :] >= 0),
+                  axis=-1)
+  key_bm = xp.where(hit_bm, m, 0) + xp.arange(m)[None, :]   # kept rows first, in their order
+  return xp.argsort(key_bm, axis=1)[:, :k].astype(xp.int32)

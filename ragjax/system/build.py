@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 
+from ragjax import config as config_lib
 from ragjax.data.corpus import Passage
 from ragjax.data.qa import Question
 from ragjax.data.sources import load_data
@@ -32,6 +33,7 @@ from ragjax.models.rag import RagModel
 from ragjax.models.retriever import EMBED_BUCKETS, Retriever, load_retriever
 from ragjax.models.seq2seq import Seq2SeqConfig
 from ragjax.models.seq2seq_import import load_seq2seq_dir, warm_start_from_bert
+from ragjax.objectives.pretraining import pretraining_examples
 from ragjax.retrieval.embed import corpus_fingerprint
 from ragjax.system.inputs import (DOC_SEP, ContextTables, GeneratorTokenizer, pad_rows,
                                   passage_tables)
@@ -61,6 +63,12 @@ class RagSystem:
 
   @property
   def k(self) -> int:
+    """Passages retrieved per question (K_r, `config.retrieved_k`)."""
+    return config_lib.retrieved_k(self.cfg.model)
+
+  @property
+  def reader_k(self) -> int:
+    """Passages the generator reads: the first `model.k` of the K_r retrieved."""
     return 1 if self.closed_book else int(self.cfg.model.k)
 
   @property
@@ -198,11 +206,23 @@ def random_generator_cfg(cfg, vocab_size: int, pad: int, bos: int, eos: int) -> 
 
 
 def build_system(cfg) -> RagSystem:
-  """A `RagSystem` from a config (see `experiments/bios.py` for the keys).
+  """A `RagSystem` from a config (see `experiments/bios.py` for the keys). With
+  `data.pretrain.objective` set the training examples are built from the passages
+  (`ragjax.objectives.pretraining`), each excluding its own passage or document from retrieval;
+  the eval questions stay the source's.
 
   Raises: DataError (missing data, bad init spec), WeightImportError (checkpoints).
   """
   passages, train, evals = load_data(cfg)
+  pre = cfg.data.get("pretrain", {})
+  if pre and pre.get("objective", "none") != "none":  # unlabelled text: the corpus itself
+    train = pretraining_examples(
+        passages, pre.objective, seed=int(pre.seed), exclude=pre.exclude,
+        mask_token=pre.mask_token, sentinel=pre.sentinel, noise_density=float(pre.noise_density),
+        mean_span_length=float(pre.mean_span_length), max_target_words=int(pre.max_target_words),
+        where=str(cfg.data.get("corpus") or cfg.data.get("squad") or cfg.data.source))
+    if cfg.data.max_train_questions:
+      train = train[:int(cfg.data.max_train_questions)]
   retriever = build_retriever(cfg)
   gcfg, gparams, gen_tok = build_generator(cfg, hf_import.minilm_dir(verify=False))
   model = RagModel(retriever.query_cfg, gcfg, passage_cfg=retriever.passage_cfg,

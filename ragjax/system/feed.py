@@ -19,7 +19,8 @@ the question alone as the context). With `model.reencode_passages` (joint traini
 §3.4) the batch also carries the retrieved passages' retriever tokens `passage_input_ids` /
 `passage_attention_mask` `[B, K, Lp]` (`Lp = retriever.passage_max_length`), which the step
 re-encodes with the live passage encoder. Indexes can be swapped (`set_corpus`) without
-recompiling.
+recompiling. Questions with `exclude_passage_ids` (joint pretraining) never retrieve those
+passages: the search runs E rows deeper and `topk.exclude_rows` drops them in the same jit.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from ragjax.data import pipeline
 from ragjax.models.rag import RagModel
 from ragjax.retrieval.index import ExactIndex
 from ragjax.retrieval.scann_index import ScannIndex
-from ragjax.retrieval.topk import device_top_k
+from ragjax.retrieval.topk import device_top_k, exclude_rows
 from ragjax.system.build import RagSystem
 from ragjax.system.inputs import assemble_contexts
 
@@ -82,7 +83,14 @@ class Feeder:
     if self.candidates and not self.k < self.candidates <= len(system.passages):
       raise ValueError(f"model.rerank_candidates={self.candidates}: expected K={self.k} < it <= "
                        f"{len(system.passages)} passages (0: no re-ranking)")
-    self.depth = self.candidates or self.k   # rows searched per query
+    # Joint pretraining: rows a query must never retrieve (its own passage or document),
+    # dropped after over-retrieving E = the longest exclusion list (`topk.exclude_rows`).
+    self.num_excluded = 0 if system.closed_book else max(
+        (len(q.exclude_passage_ids) for q in (*system.train_questions, *system.eval_questions)),
+        default=0)
+    self.kept = self.candidates or self.k    # rows kept per query after the exclusion
+    self.depth = self.kept + self.num_excluded  # rows searched per query
+    self._row_of = None
     self.corpus = None
     self._ptables = None
     self._scores = self._encode = None
@@ -168,6 +176,20 @@ class Feeder:
     """This process's rows `[B/P, ...]` -> the global batch-sharded array."""
     return pipeline.global_batch_arrays({"x": x}, self.batch_sharding(np.ndim(x)))["x"]
 
+  def exclusion_rows(self, questions) -> np.ndarray:
+    """`[B, E]` int32 corpus rows each question may not retrieve, -1 padded.
+
+    Raises: KeyError naming a question whose exclusion id is not in the corpus."""
+    if self._row_of is None:
+      self._row_of = {p.id: i for i, p in enumerate(self.system.passages)}
+    out = np.full((len(questions), self.num_excluded), -1, np.int32)
+    for i, q in enumerate(questions):
+      for j, pid in enumerate(q.exclude_passage_ids):
+        if pid not in self._row_of:
+          raise KeyError(f"question {q.id!r}: excluded passage id {pid!r} is not in the corpus")
+        out[i, j] = self._row_of[pid]
+    return out
+
   # -------------------------------------------------------------------------------- batches
 
   def batch(self, params, questions_local) -> dict:
@@ -186,6 +208,8 @@ class Feeder:
       return out
     if self.corpus is None:
       raise RuntimeError("Feeder.batch: no corpus embeddings; call set_corpus first")
+    if self.num_excluded:
+      host["exclude_rows"] = self.exclusion_rows(questions_local)
     out.update(self._retrieve_batch(params, out, host))
     return out
 
@@ -241,14 +265,17 @@ class DeviceFeeder(Feeder):
   def _retrieve_fn(self):
     if self._retrieve is None:
       model, k, pad, chunk = self.model, self.k, self.pad_id, self.chunk
-      depth, reencode, rerank = self.depth, self.reencode, self._rerank_rows
+      depth, kept, reencode, rerank = self.depth, self.kept, self.reencode, self._rerank_rows
 
-      def retrieve(params, q_ids, q_mask, question_ids, question_lengths, corpus_nd, t_ids,
-                   t_len, *p_tables):
+      def retrieve(params, q_ids, q_mask, question_ids, question_lengths, exclude_be, corpus_nd,
+                   t_ids, t_len, *p_tables):
         q_bd = model.apply({"params": params}, q_ids, q_mask, method=RagModel.encode_query)
         top = device_top_k(q_bd, corpus_nd, depth, chunk=min(chunk, corpus_nd.shape[0]))
         rows, emb = top.doc_ids, top.embeddings
-        if depth > k:
+        if depth > kept:  # drop the excluded rows (none reach the batch: `exclude_rows`)
+          pos = exclude_rows(rows, exclude_be, kept)
+          rows, emb = jnp.take_along_axis(rows, pos, 1), jnp.take_along_axis(emb, pos[..., None], 1)
+        if kept > k:
           rows, emb = rerank(params, q_bd, rows, *(t[rows] for t in p_tables))
         ids, mask = assemble_contexts(t_ids, t_len, question_ids, question_lengths, rows, pad)
         passages = tuple(t[rows] for t in p_tables) if reencode else ()  # [B, K, Lp] each
@@ -262,9 +289,11 @@ class DeviceFeeder(Feeder):
   def _retrieve_batch(self, params, out, host):
     put = self._put
     with self._mesh_context():
+      exclude = host.get("exclude_rows", np.full((len(host["question_ids"]), 1), -1, np.int32))
       emb, ids, mask, rows, *passages = self._retrieve_fn()(
           params, out["query_input_ids"], out["query_attention_mask"],
-          put(host["question_ids"]), put(host["question_lengths"]), self.corpus, *self._tables)
+          put(host["question_ids"]), put(host["question_lengths"]), put(exclude), self.corpus,
+          *self._tables)
     got = dict(passage_embeddings=emb, context_input_ids=ids, context_attention_mask=mask,
                doc_ids=rows)
     if passages:
@@ -314,6 +343,9 @@ class HostFeeder(Feeder):
     q_bd = self._query_vectors(params, out)
     q_local = q_bd[self.local_rows(q_bd.shape[0])]
     _, rows = self.index.search_rows(q_local, self.depth)
+    if self.depth > self.kept:  # drop the excluded rows (`exclude_rows`)
+      rows = np.take_along_axis(rows, exclude_rows(rows, host["exclude_rows"], self.kept, xp=np),
+                                axis=1)
     live = None
     if self.candidates:
       if self._rerank is None:

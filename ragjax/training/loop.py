@@ -41,7 +41,7 @@ from ragjax.system.build import build_system, corpus_key
 from ragjax.training.optim import make_optimizer
 from ragjax.training.state import abstract_state, build_mesh, init_state
 from ragjax.training.step import jit_train_step
-from ragjax.training.workdir import MetricsWriter, save_config, shape_config
+from ragjax.training.workdir import MetricsWriter, save_config
 
 log = logging.getLogger("ragjax")
 
@@ -59,6 +59,7 @@ class Run:
     self.mesh, self.rules = build_mesh(cfg)
     config_lib.validate(cfg, self.mesh)       # the batch splits over this mesh
     self.system = build_system(cfg)
+    self.init_step, self.init_index_version = self._init_from_workdir()
     self.model = self.system.model
     self.tx, self.schedule = make_optimizer(cfg.optim, int(cfg.train.total_steps))
     replicated = []
@@ -68,11 +69,64 @@ class Run:
       log.info(line)
     self.ckpt = Checkpointer(self.workdir / "checkpoints",
                              max_to_keep=int(cfg.train.keep_checkpoints),
-                             config=shape_config(cfg),
+                             config=config_lib.shape_config(cfg),
                              async_save=bool(cfg.train.async_checkpointing))
     kind = feed.choose_index_kind(cfg.index.kind, len(self.system.passages),
                                   self.system.retriever.dim, int(cfg.index.device_max_bytes))
     self.feeder = feed.Feeder(self.system, self.mesh, self.rules, kind)
+
+  def _init_from_workdir(self) -> tuple[int | None, int | None]:
+    """`init.from_workdir` W: every tower of this run starts from W's checkpoint (`init.step`,
+    0 = newest; a fresh optimiser at step 0), and the frozen passage encoder that embeds the
+    corpus is W's. Returns `(W's step, its checkpoint's index version or None)`, or
+    `(None, None)` without `init.from_workdir`.
+
+    Raises: NotFoundError when W has no such checkpoint.
+    """
+    i = self.cfg.get("init", {})
+    if not i or not i.get("from_workdir"):
+      return None, None
+    src = pathlib.Path(i.from_workdir)
+    reader = Checkpointer.reader(src / "checkpoints")
+    step = int(i.step) or reader.latest_step()
+    if step is None or step not in reader.all_steps():
+      raise NotFoundError(f"init.from_workdir={src}: no checkpoint "
+                          f"{'at step ' + str(i.step) if int(i.step) else 'at all'} in "
+                          f"{src / 'checkpoints'} (steps: {reader.all_steps()})")
+    params = reader.restore_subtree(step, ("params",))
+    retriever = self.system.retriever
+    retriever.params = {t: params["bi_encoder"][t] for t in ("query_encoder", "passage_encoder")}
+    retriever.identity = {**retriever.identity, "init_from_workdir": str(src.resolve()),
+                          "init_step": int(step)}
+    self.system.generator_params = params["generator"]
+    version = reader.metadata(step).get("index_version")
+    log.info("init.from_workdir: towers from %s step %d (index version %s, index %s)", src, step,
+             version, i.index)
+    return int(step), version
+
+  def initial_embeddings(self, params) -> np.ndarray:
+    """The corpus embeddings a run starts from: with `init.index="keep"` the index version W's
+    checkpoint was trained with (or W's newest), else `corpus_embeddings(params)`.
+
+    Raises: NotFoundError when W has no published version; IndexFormatError when it does not
+    match this corpus."""
+    i = self.cfg.get("init", {})
+    if self.init_step is None or i.index != "keep" or self.system.closed_book:
+      return self.corpus_embeddings(params)
+    from ragjax.joint import versions
+    from ragjax.retrieval.embed import corpus_fingerprint
+    src = pathlib.Path(i.from_workdir)
+    version = self.init_index_version
+    if version is None:
+      version = versions.latest_version(src)
+    if version is None:
+      raise NotFoundError(f"init.index='keep': {src} has no published index version (its "
+                          "passage encoder was frozen); use init.index='reembed'")
+    emb, _, _ = versions.load_version(src, int(version), expect_count=len(self.system.passages),
+                                      expect_dim=self.system.retriever.dim,
+                                      expect_corpus=corpus_fingerprint(self.system.passages))
+    log.info("init.index=keep: index version %d of %s", version, src)
+    return emb
 
   @property
   def is_main(self) -> bool:

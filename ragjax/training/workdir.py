@@ -32,15 +32,6 @@ def save_config(cfg, workdir: pathlib.Path, spec: str | None, overrides) -> None
                                               "config": config_to_json(cfg)})
 
 
-def shape_config(cfg) -> dict:
-  """The config keys that fix parameter shapes (a checkpoint from a run that differs in them
-  cannot be restored; loss, K, lengths or learning rates may change between runs)."""
-  r, g = cfg.retriever, cfg.generator
-  return {"retriever": {"init": r.init, "random": r.random.to_dict()},
-          "generator": {"init": g.init, "num_layers": g.num_layers,
-                        "random": g.random.to_dict()}}
-
-
 class MetricsWriter:
   """`metrics.jsonl` + TensorBoard (process 0 only)."""
 
