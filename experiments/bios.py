@@ -49,7 +49,16 @@ top-1 of 27% / 46% / 88% / 60% of the questions: the collapse is as fast. The co
 to 0 (-0.06 to +0.02 nats per token over steps 20-260) and still pushes every query the same
 way: answers of one kind (dates) share a template, so what the generator likes is the answer
 type's passages, not the question's. No target computed from a reader that does not read carries
-question-specific evidence; the fix has to stop the retriever from taking full Adam steps on it.
+question-specific evidence.
+A second candidate, also refuted (commit ae25eba, `--config.optim.retriever_gate_kl=0.05`,
+marginal loss, steps=800 stopped at 200): scale the retriever's update by clip(KL(p(z|x,y) ||
+p(z|x)) / 0.05, 0, 1), so it moves only as far as the reader's evidence goes. The KL is not
+near 0 before the generator reads (0.018 / 0.035 / 0.065 / 0.075 nats at steps 20 / 60 / 100 /
+140, gate 0.33-0.86): the answer prior moves the posterior as much as reading would, and recall@1
+still fell, 0.405 / 0.14 at steps 100 / 200 (top-1 share 28% / 41%). The gate was removed. Not
+yet tested: whether the drift is Adam's scale-free steps on a low signal-to-noise gradient (a
+random-target control), and a per-passage running baseline of the reader's evidence (PMI
+against what each passage gives every question).
 """
 from ragjax import config as config_lib
 

@@ -200,9 +200,7 @@ def base_config() -> ml_collections.ConfigDict:
       weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, clip_grad_norm=1.0,
       lr_multipliers=dict(query_encoder=1.0, passage_encoder=1.0, generator=1.0),
       start_steps=dict(query_encoder=0, passage_encoder=0, generator=0),  # lr 0 before
-      freeze=("passage_encoder",),  # RAG §2.4: the document encoder stays fixed
-      retriever_gate_kl=0.0)      # >0: scale retriever updates by clip(KL(post || prior) / it,
-                                  # 0, 1) nats (training.step); 0: off
+      freeze=("passage_encoder",))  # RAG §2.4: the document encoder stays fixed
   c.train = dict(
       total_steps=1000, global_batch=8, grad_accum_steps=1, log_every=10,
       checkpoint_every=200, keep_checkpoints=3, eval_every=0, async_checkpointing=True,
@@ -322,7 +320,7 @@ def validate(cfg, mesh=None, *, data: bool = True) -> None:
   _choice(cfg.eval.decoding, DECODINGS, "eval.decoding")
   _choice(cfg.index.kind, INDEX_KINDS, "index.kind")
   _choice(o.schedule, LR_SCHEDULES, "optim.schedule")
-  _validate_retriever_loss(m, o)
+  _validate_retriever_loss(m)
   frozen = frozen_towers(o)
   towers(dict(o.lr_multipliers), "optim.lr_multipliers")
   towers(dict(o.start_steps), "optim.start_steps")
@@ -339,7 +337,7 @@ def validate(cfg, mesh=None, *, data: bool = True) -> None:
     _validate_mesh(cfg, mesh)
 
 
-def _validate_retriever_loss(m, o) -> None:
+def _validate_retriever_loss(m) -> None:
   name = m.get("retriever_loss", "none")
   reader = m.get("reader", "rag")
   _choice(reader, READERS, "model.reader")
@@ -369,12 +367,6 @@ def _validate_retriever_loss(m, o) -> None:
     raise ConfigError("model.target_evidence='contrastive' changes the target of a retriever "
                       "objective of the rag reader: set model.retriever_loss to pdist, emdr2 or "
                       "loop and model.reader='rag'")
-  gate = float(o.get("retriever_gate_kl", 0.0) or 0.0)
-  if gate < 0:
-    raise ConfigError(f"optim.retriever_gate_kl={gate}: expected >= 0 (0: off)")
-  if gate > 0 and reader == "fid" and name not in ("pdist", "emdr2"):
-    raise ConfigError("optim.retriever_gate_kl reads the reader's passage posterior: with "
-                      "model.reader='fid' it needs model.retriever_loss pdist or emdr2")
   for key in ("retriever_temperature", "target_temperature"):
     if not float(m.get(key, 1.0)) > 0:
       raise ConfigError(f"model.{key}={m.get(key)}: expected a positive number")

@@ -36,6 +36,7 @@ def test_squad_open_smoke_trains_and_evaluates_on_held_out_articles(tmp_path, sh
   assert len(train_articles) == 38
 
 
+@pytest.mark.slow  # ~30 s; tests/test_aot.py compiles the step for TPU topologies in CI
 def test_paper_scale_config_aot_compiles_for_a_tpu_slice_at_small_size(capsys, tmp_path):
   pytest.importorskip("libtpu", reason="libtpu (the 'test' extra) is needed for AOT compiles")
   out = tmp_path / "aot.json"

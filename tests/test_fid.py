@@ -153,7 +153,7 @@ def test_fid_loss_nll_and_adist_against_transformers(readers):
   batch = _rag_batch(model, ids, mask, labels)
   enc, fmask = _hf_fused(net, ids, mask)
   seq_lp, ntok = _hf_seq_logprob(net, enc, fmask, labels)
-  loss_none, aux = fid.fid_loss(model, params, batch)
+  loss_none, aux = jax.jit(lambda p: fid.fid_loss(model, p, batch))(params)
   assert abs(float(loss_none) + seq_lp.mean()) <= 1e-4
   assert abs(float(aux["nll_per_token"]) + seq_lp.sum() / ntok.sum()) <= 1e-5
   # ADist: the target from transformers' cross-attention and value norms (numpy aggregation).
@@ -170,14 +170,14 @@ def test_fid_loss_nll_and_adist_against_transformers(readers):
                                   batch["query_attention_mask"], batch["passage_embeddings"],
                                   method=RagModel.retrieve_scores))
   kw = dict(retriever_temperature=0.5, target_temperature=0.01)
-  loss_ad, aux_ad = fid.fid_loss(model, params, batch, retriever_loss="adist", **kw)
+  (loss_ad, aux_ad), g_ad = jax.jit(jax.value_and_grad(
+      lambda p: fid.fid_loss(model, p, batch, retriever_loss="adist", **kw), has_aux=True))(params)
   want = _kl(scores, target, 0.5, 0.01)
   assert abs(float(aux_ad["retriever_loss"]) - want) <= 1e-5 * max(1.0, abs(want))
   assert abs(float(loss_ad) - float(loss_none) - want) <= 1e-4
   # Gradients: the target is under stop-gradient, so the generator's gradient is the NLL's
   # alone; the query encoder gets one only through the retriever objective.
-  g_none = jax.grad(lambda p: fid.fid_loss(model, p, batch)[0])(params)
-  g_ad = jax.grad(lambda p: fid.fid_loss(model, p, batch, retriever_loss="adist", **kw)[0])(params)
+  g_none = jax.jit(jax.grad(lambda p: fid.fid_loss(model, p, batch)[0]))(params)
   flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
   assert np.allclose(flat(g_ad["generator"]), flat(g_none["generator"]), atol=1e-6)
   assert np.abs(flat(g_none["bi_encoder"]["query_encoder"])).max() == 0
@@ -210,8 +210,9 @@ def test_fid_reader_side_targets_match_transformers(readers, name):
     lp_r = scores / 2.0 - np.log(np.exp(scores / 2.0).sum(-1, keepdims=True))
     j = lp_r + logp
     want = float(-np.mean(np.log(np.exp(j - j.max(-1, keepdims=True)).sum(-1)) + j.max(-1)))
-  _, aux = fid.fid_loss(model, params, batch, retriever_loss=name, retriever_temperature=2.0,
-                        target_temperature=0.5)
+  _, aux = jax.jit(lambda p: fid.fid_loss(model, p, batch, retriever_loss=name,
+                                          retriever_temperature=2.0,
+                                          target_temperature=0.5))(params)
   got = float(aux["retriever_loss"])
   assert abs(got - want) <= 1e-5 * max(1.0, abs(want)), (got, want)
 

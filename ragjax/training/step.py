@@ -32,12 +32,7 @@ def make_train_step(model: RagModel, cfg, tx, schedule):
   example), `grad_norm` (before clipping), `grad_norm_<tower>` for each trained tower (before
   clipping, after its start-step gate), `update_norm_<tower>` (the optimiser's step),
   `learning_rate` (base, before tower multipliers), `finite`, and the aux of `rag_loss`
-  (`retrieval_entropy`, ...), or of `fid_loss` for `model.reader="fid"`. With
-  `optim.retriever_gate_kl` = c > 0 the retriever towers' updates are scaled by
-  `retriever_gate` = clip(KL(p(z|x,y) || p(z|x)) / c, 0, 1), the batch's posterior-vs-prior KL:
-  the retriever moves only as far as the reader's evidence about its passages goes (Adam's steps
-  are scale-free, so an evidence-free gradient otherwise takes full-size steps; the cause of
-  the measured collapse, `experiments/bios.py`). The reader reads the
+  (`retrieval_entropy`, ...), or of `fid_loss` for `model.reader="fid"`. The reader reads the
   first `model.k` of the batch's K_r passages (`config.retrieved_k`).
   """
   loss_name, smoothing = cfg.model.loss, float(cfg.model.label_smoothing)
@@ -67,7 +62,6 @@ def make_train_step(model: RagModel, cfg, tx, schedule):
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   starts = {t: int(v) for t, v in dict(cfg.optim.start_steps).items() if int(v) > 0}
-  gate_kl = float(cfg.optim.get("retriever_gate_kl", 0.0) or 0.0)
 
   def train_step(state: TrainState, batch: dict, rng):
     rng = jax.random.fold_in(rng, state.step)
@@ -98,13 +92,6 @@ def make_train_step(model: RagModel, cfg, tx, schedule):
       tower_norms["grad_norm_generator"] = optax.tree.norm(grads["generator"])
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    gate = {}
-    if gate_kl > 0:  # evidence-gated retriever step (config: optim.retriever_gate_kl)
-      g = jnp.clip(jax.lax.stop_gradient(aux["posterior_prior_kl"]) / gate_kl, 0.0, 1.0)
-      bi = {t: jax.tree.map(lambda u: u * g.astype(u.dtype), u_t) if t not in frozen else u_t
-            for t, u_t in updates["bi_encoder"].items()}
-      updates = {**updates, "bi_encoder": bi}
-      gate["retriever_gate"] = g
     for t in ("query_encoder", "passage_encoder"):  # the step each trained tower takes
       if t not in frozen:
         tower_norms[f"update_norm_{t}"] = optax.tree.norm(updates["bi_encoder"][t])
@@ -118,7 +105,7 @@ def make_train_step(model: RagModel, cfg, tx, schedule):
                               opt_state=keep(opt_state, state.opt_state),
                               nonfinite_step=nonfinite)
     metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step),
-               "finite": finite.astype(jnp.float32), **tower_norms, **gate, **aux}
+               "finite": finite.astype(jnp.float32), **tower_norms, **aux}
     return new_state, metrics
 
   return train_step
