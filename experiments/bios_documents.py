@@ -22,9 +22,9 @@ short (2026-12-02, 2-core Intel Xeon, AVX-512):
 - row=frozen, steps=1000: EM 0.020, F1 0.093, answer recall@1/@2/@4 0.335/0.540/0.745, in
   18 min 3 s. The generator does not read yet.
 - row=query_ft: stopped at step 250 after a collapse, recall@2 0.040, with the top-1 of all
-  questions on 2 passages. The ADist target, with Atlas's /256 normaliser and
-  target_temperature=0.01, is nearly uniform over 4 passages of ~100 tokens, so the retriever
-  learned uniform top-4 scores (entropy ln 4 by step 140).
+  questions on 2 passages. The retriever learned uniform top-4 scores (entropy ln 4 by step
+  140, ADist KL 0.02). With target_temperature=0.0002 (50x sharper, 250 steps) it collapsed
+  too: recall@2 0.025 at step 125. The cause is not established (README).
 """
 import pathlib
 
