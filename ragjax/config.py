@@ -326,7 +326,7 @@ def validate(cfg, mesh=None, *, data: bool = True) -> None:
   towers(dict(o.start_steps), "optim.start_steps")
   _validate_refresh(cfg, frozen)
   c = int(m.get("rerank_candidates", 0) or 0)
-  k_r = max(int(m.k), int(m.get("retriever_k", 0) or 0))
+  k_r = retrieved_k(m)
   if c and m.loss != "closed_book" and c <= k_r:
     raise ConfigError(f"model.rerank_candidates={c}: expected K={k_r} < it (0: no "
                       "re-ranking)")

@@ -90,12 +90,8 @@ def cross_attention_of(intermediates: dict, k: int, length: int) -> tuple[Array,
 
 
 def _seq_logprob(logits_ntv, targets_nt, mask_nt) -> Array:
-  """sum_t mask * log softmax(logits)[y_t]: `[N]` float32."""
-  logp = jax.nn.log_softmax(logits_ntv.astype(jnp.float32), axis=-1)
-  v = logp.shape[-1]
-  safe = jnp.where((targets_nt >= 0) & (targets_nt < v), targets_nt, 0)
-  tok = jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
-  return jnp.sum(jnp.where(mask_nt != 0, tok, 0.0), axis=-1)
+  """sum_t mask * log p(y_t | ...): `[N]` float32 (`losses.sequence_logprob` with one passage)."""
+  return losses.sequence_logprob(logits_ntv[:, None], targets_nt, mask_nt)[:, 0]
 
 
 def _subset_logprob(mdl: RagModel, enc_bse, mask_bs, keep_bsk, k: int, dec_bt, targets_bt,
@@ -161,10 +157,9 @@ def fid_loss(model: RagModel, params, batch: dict, label_smoothing: float = 0.0,
       "passage_input_ids", "passage_embeddings", "doc_scores")):
     return loss, aux
   scores_bk = batch_doc_scores(model, params, batch, deterministic=deterministic, rngs=rngs)
-  log_prior_bk = losses.retrieval_log_prior(doc_scores_bk=jax.lax.stop_gradient(scores_bk))
-  p_bk = jnp.exp(log_prior_bk)
-  aux.update(retrieval_entropy=jnp.mean(-jnp.sum(
-      jnp.where(p_bk > 0, p_bk * log_prior_bk, 0.0), axis=-1)),
+  s_bk = jax.lax.stop_gradient(scores_bk)
+  p_bk = jnp.exp(losses.retrieval_log_prior(doc_scores_bk=s_bk))
+  aux.update(retrieval_entropy=jnp.mean(losses.retrieval_entropy(s_bk)),
              top1_prior=jnp.mean(jnp.max(p_bk, axis=-1)), **doc_score_stats(scores_bk))
   if retriever_loss == "none":
     return loss, aux
