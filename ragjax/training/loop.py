@@ -34,8 +34,9 @@ from ragjax.data import pipeline
 from ragjax.errors import ConfigError, NonFiniteLossError, NotFoundError
 from ragjax.evaluation import evaluate as evaluation
 from ragjax.fsutil import write_json_atomic
+from ragjax.joint import versions
 from ragjax.joint.refresh import IndexRefresh
-from ragjax.retrieval.embed import embed_corpus, load_embeddings
+from ragjax.retrieval.embed import corpus_fingerprint, embed_corpus, load_embeddings
 from ragjax.system import feed
 from ragjax.system.build import build_system, corpus_key
 from ragjax.training.optim import make_optimizer
@@ -113,8 +114,6 @@ class Run:
     i = self.cfg.get("init", {})
     if self.init_step is None or i.index != "keep" or self.system.closed_book:
       return self.corpus_embeddings(params)
-    from ragjax.joint import versions
-    from ragjax.retrieval.embed import corpus_fingerprint
     src = pathlib.Path(i.from_workdir)
     version = self.init_index_version
     if version is None:
