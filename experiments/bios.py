@@ -27,38 +27,50 @@ The query encoder is frozen here unless `train_retriever` is given (it then trai
     and the best doc score falls from 13.2 to 9.3 (20 x cosine): the queries leave every passage
     for a few hubs.
 
-The cause: before the generator reads, p(y|x,z) differs between passages only by what the
-generator's answer prior likes about them, the same for every question, so the retrieval
-gradient p(z|x) - p(z|x,y) (RAG eq. 3's derivative) moves all queries the same way. The hubs are
-passages whose template resembles the questions: both hubs of the S = 0 run (20 of the 20
-reported examples) open with "celebrates a birthday every year, having been born on", a template
-19% of the corpus uses; the generator, printing "24 december 1990" for every question, likes
-date-shaped passages. Adam (scale-free) makes this small, consistent gradient full-size steps
-(update norms 0.01-0.05 per step against 0.0 for the frozen tower). Once the reader's posterior
-carries question-specific evidence (S = 400), the same gradient improves retrieval. A late start
-also hit a real optimiser bug, fixed in `ragjax.training.optim.delayed_start` (Adam counted the
-frozen steps in its bias correction: first updates 2.5-5x the learning rate); it did not cause
-the collapse (the S = 400 run above ran with the bug and improved).
+The cause, measured (2026-12-02, 2-core Intel Xeon, AVX-512; same command plus
+`--config.model.retriever_loss=emdr2 --config.model.target_evidence=X` and the flags below,
+steps=400; answer recall@1 at steps 100 / 200 / 300 / 400, top-1 share = the largest fraction of
+questions with one passage as their top-1):
 
-Tried at S = 0 and refuted (2026-12-02, 2-core Intel Xeon, AVX-512; same command plus
-`--config.model.retriever_loss=emdr2 --config.model.target_evidence=contrastive`, steps=400):
-a question-specific reader target, the evidence log p(y_i|x_i,z) minus the next example's
-answer read with the same passage, so that a passage the generator likes for every answer
-cancels out. Answer recall@1 0.30 / 0.055 / 0.03 / 0.03 at steps 100-400 and one passage the
-top-1 of 27% / 46% / 88% / 60% of the questions: the collapse is as fast. The contrast is close
-to 0 (-0.06 to +0.02 nats per token over steps 20-260) and still pushes every query the same
-way: answers of one kind (dates) share a template, so what the generator likes is the answer
-type's passages, not the question's. No target computed from a reader that does not read carries
-question-specific evidence.
-A second candidate, also refuted (commit ae25eba, `--config.optim.retriever_gate_kl=0.05`,
-marginal loss, steps=800 stopped at 200): scale the retriever's update by clip(KL(p(z|x,y) ||
-p(z|x)) / 0.05, 0, 1), so it moves only as far as the reader's evidence goes. The KL is not
-near 0 before the generator reads (0.018 / 0.035 / 0.065 / 0.075 nats at steps 20 / 60 / 100 /
-140, gate 0.33-0.86): the answer prior moves the posterior as much as reading would, and recall@1
-still fell, 0.405 / 0.14 at steps 100 / 200 (top-1 share 28% / 41%). The gate was removed. Not
-yet tested: whether the drift is Adam's scale-free steps on a low signal-to-noise gradient (a
-random-target control), and a per-passage running baseline of the reader's evidence (PMI
-against what each passage gives every question).
+  target_evidence=random (a control: the reader's evidence replaced by noise of its measured
+  spread, 0.20-0.24 nats, so no question content and no answer prior):
+    0.03 / 0.02 / 0.015 / 0.01, top-1 share 0.475 / 0.925 / 0.995: the same collapse, faster.
+  random + --config.model.retriever_null_baseline=True (the target minus its mean over the K
+  cyclic shifts of the evidence, so the expected update is exactly 0 under noise):
+    0.60 / 0.035 / 0.25 / 0.22, top-1 share 0.06 / 0.98 / 0.225 / 0.34: slower, still collapses.
+  random + --config.model.retriever_in_batch_negatives=True:
+    0.875 / 0.78 / 0.805 / 0.78, top-1 share 0.04 / 0.03 / 0.05 / 0.05, recall@20 1.0: no
+    collapse (the frozen encoder: 0.925, top-1 share 0.03).
+
+So neither the generator's answer prior (an earlier reading of the hubs; the first two
+candidate fixes below were built on it) nor a biased target is needed: noise alone collapses the
+retriever, and so does zero-mean noise. `python bench/collapse_anatomy.py --workdir
+runs/control_random_S0 --step 250` shows how: every query moved by nearly the same vector
+(common share 0.81 of the mean move, which is 1.03 for unit vectors), the mean pairwise cosine of
+the queries rose from 0.33 to 0.85, while the query encoder's weights changed by only 0.1-1%
+(relative norm; Adam takes step-sized moves on every weight whatever the gradient's
+signal-to-noise ratio). The objective cannot see that move: it compares each query only with
+its own K = 2 retrieved passages, which are alike, so a shift shared by every query changes their
+scores almost equally and the softmax over K ignores it, while the ranking over the whole corpus
+does not (the queries pile onto the passages that lie along the shared shift: hubs). The fix is
+the one DPR's training uses: the other examples' passages as negatives in each query's softmax
+(`model.retriever_in_batch_negatives`, target mass 0 there), which penalises a shared move. With
+the real evidence, from step 0 (`--config.model.retriever_in_batch_negatives=True`, EMDR2,
+steps=800, command as above without target_evidence):
+  answer recall@1 0.74 / 0.825 / 0.98 / 0.995 / 1.000 / 1.000 / 1.000 / 1.000 at steps 100-800,
+  recall@20 1.0 throughout, top-1 share 0.025-0.035; EM 0.00 / 0.00 / 0.01 / 0.00 / 0.005 /
+  0.02 / 0.05 / 0.06 (F1 0.265 at 800), 25 min 11 s beside a test run. The retriever improves
+  on the frozen 0.925 from step 0. The EM at 800 is below the S = 400 run's 0.325, which ran on
+  another host; no frozen run at 800 steps on this host was made, so no EM gain is shown.
+
+Candidates measured before the cause was known and refuted (same host and date, steps=400):
+contrastive reader evidence (`target_evidence=contrastive`, EMDR2 on log p(y_i|x_i,z) minus the
+next example's answer with the same passage): recall@1 0.30 / 0.055 / 0.03 / 0.03, top-1 share
+27% / 46% / 88% / 60%; an update gate on KL(p(z|x,y) || p(z|x)) (commit ae25eba, marginal loss,
+stopped at 200): 0.405 / 0.14 (the KL is 0.018-0.075 nats before the generator reads; the gate
+was removed). A late start (S = 400) also hit a real optimiser bug, fixed in
+`ragjax.training.optim.delayed_start` (Adam counted the frozen steps in its bias correction:
+first updates 2.5-5x the learning rate); it did not cause the collapse.
 """
 from ragjax import config as config_lib
 

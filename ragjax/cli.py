@@ -225,7 +225,7 @@ def cmd_train(args):
   summary = train(cfg, args.workdir, spec=args.config, overrides=args.overrides)
   ev = summary["last_eval"]
   print(json.dumps({"final_step": summary["final_step"], "stopped": summary["stopped"],
-                    **({k: ev[k] for k in ("exact_match", "f1", "answer_recall")
+                    **({k: ev[k] for k in ("exact_match", "f1", "answer_recall", "gold_recall")
                         if k in ev} if ev else {})}))
 
 

@@ -23,17 +23,19 @@ import jax
 import ml_collections
 
 from ragjax import sharding
+from ragjax.config_checks import (  # noqa: F401 (re-exported: ragjax.config.READERS, ...)
+    DPR_NEGATIVES, READERS, RETRIEVER_LOSSES, _choice, retrieved_k, validate_dpr,
+    validate_retriever_loss)
 from ragjax.errors import ConfigError, DataError
 
 TOWERS = ("query_encoder", "passage_encoder", "generator")
-LOSSES = ("rag_sequence", "rag_token", "top1", "closed_book")
+LOSSES = ("rag_sequence", "rag_token", "top1", "closed_book")  # ragjax.objectives.rag_losses
+RETRIEVER_ONLY_LOSSES = ("dpr",)  # model.loss of a job without a reader (ragjax.models.rag)
 DECODINGS = ("rag_token", "rag_sequence_fast", "rag_sequence_thorough")
 INDEX_KINDS = ("auto", "device", "scann", "exact_host")
 REFRESH_MODES = ("off", "async", "sync")
 LR_SCHEDULES = ("linear", "cosine", "constant")
 DATA_SOURCES = ("bios", "files", "squad_split")
-RETRIEVER_LOSSES = ("none", "pdist", "emdr2", "loop", "adist")
-READERS = ("rag", "fid")
 BIOS_LAYOUTS = ("single", "documents")
 PRETRAIN_OBJECTIVES = ("salient_span", "prefix_lm", "span_corruption")  # ragjax.objectives.pretraining
 PRETRAIN_EXCLUDE = ("passage", "document")
@@ -161,13 +163,18 @@ def base_config() -> ml_collections.ConfigDict:
       dropout_rate=0.1,
       random=dict(arch="bart", d_model=32, num_layers=2, num_heads=4, ffn_size=64))
   c.model = dict(
-      k=5, loss="rag_token",      # rag_token | rag_sequence | top1 | closed_book
+      k=5, loss="rag_token",      # rag_token | rag_sequence | top1 | closed_book | dpr (a
+                                  # retriever-only job on gold passages: DPR eq. 2, see dpr)
       reader="rag",               # rag (each passage apart, marginalised) | fid (Fusion-in-Decoder)
       retriever_k=0,              # K_r >= k passages retrieved and scored by retriever_loss; the
                                   # reader reads the top k of them (Atlas); 0: K_r = k
       label_smoothing=0.0, query_max_length=32, context_max_length=128, answer_max_length=16,
       compute_dtype="float32",    # "bfloat16": bf16 matmuls, float32 parameters
       doc_score_scale=1.0,        # p(z|x) = softmax(scale * q·d): 1 for DPR, ~20 for cosine
+      dpr=dict(                   # model.loss="dpr": in-batch + hard negatives (Karpukhin et al.)
+          hard_negatives=1,         # per question (0: in-batch negatives only)
+          negatives="index"),       # index (the current index's top, ANCE) | bm25 (DPR), gold
+                                    # passages excluded
       reencode_passages=False,    # joint training: the step re-encodes the K passages (REALM)
       rerank_candidates=0,        # >K: retrieve this many, keep the top K by the live passage
                                   # encoder (Atlas's over-retrieve-then-rerank); 0: off
@@ -175,8 +182,13 @@ def base_config() -> ml_collections.ConfigDict:
       retriever_temperature=1.0,  # Atlas's temperature_score (divides the doc scores)
       target_temperature=1.0,     # Atlas's temperature_gold (divides the reader-side target)
       retriever_loss_weight=1.0,  # its weight beside the generator's NLL
+      retriever_null_baseline=False,  # train it on target minus its mean under exchangeable
+                                  # evidence (retriever_losses.null_baselined)
+      retriever_in_batch_negatives=False,  # pdist | emdr2 | adist: the other examples'
+                                  # passages join each query's softmax with target 0 (rag_loss)
       target_evidence="likelihood")  # likelihood | contrastive (rag reader: log p(y_i|x,z) -
-                                  # log p(y_j|x,z), another example's answer; see rag_loss)
+                                  # log p(y_j|x,z), another example's answer) | random (a
+                                  # control: noise of the reader's spread; see rag_loss)
   c.init = dict(                # start from another run (e.g. joint pretraining -> QA)
       from_workdir="",            # a `ragjax train` workdir: its towers initialise this run
       step=0,                     # its checkpoint step (0: the newest)
@@ -186,6 +198,8 @@ def base_config() -> ml_collections.ConfigDict:
       kind="auto",                # auto | device (exact top-k on the mesh) | scann | exact_host
       device_max_bytes=2 * 2**30, chunk=65536,
       scann=dict(),               # ScannIndex.build parameters (defaults by corpus size)
+      hybrid_bm25_candidates=0,   # >0: fuse this many BM25 and dense results per query by
+      rrf_k=60.0,                 # reciprocal rank fusion (retrieval/hybrid.py); host kinds
       refresh=dict(               # joint training (`ragjax.joint`)
           mode="off",             # off | async (indexer process) | sync (in-process baseline)
           schedule="asap",        # "asap" | Atlas-style "0-1000:500,1000-10000:1000"
@@ -289,19 +303,6 @@ def passage_encoder_start(cfg) -> int:
   return int(cfg.optim.start_steps.get("passage_encoder", 0))
 
 
-def retrieved_k(m) -> int:
-  """Passages per example in a step batch: `model.retriever_k` (K_r) when set, else `model.k`
-  (1 for closed_book, which reads the question alone)."""
-  if m.loss == "closed_book":
-    return 1
-  return max(int(m.k), int(m.get("retriever_k", 0) or 0))
-
-
-def _choice(value, options, key: str) -> None:
-  if value not in options:
-    raise ConfigError(f"{key} {value!r}: expected one of {options}")
-
-
 # ---------------------------------------------------------------------------------- validate
 
 def validate(cfg, mesh=None, *, data: bool = True) -> None:
@@ -316,15 +317,24 @@ def validate(cfg, mesh=None, *, data: bool = True) -> None:
   spec that names nothing on disk (the path and the key).
   """
   m, o = cfg.model, cfg.optim
-  _choice(m.loss, LOSSES, "model.loss")
+  _choice(m.loss, LOSSES + RETRIEVER_ONLY_LOSSES, "model.loss")
   _choice(cfg.eval.decoding, DECODINGS, "eval.decoding")
   _choice(cfg.index.kind, INDEX_KINDS, "index.kind")
   _choice(o.schedule, LR_SCHEDULES, "optim.schedule")
-  _validate_retriever_loss(m)
+  validate_retriever_loss(m)
   frozen = frozen_towers(o)
+  validate_dpr(m, frozen)
   towers(dict(o.lr_multipliers), "optim.lr_multipliers")
   towers(dict(o.start_steps), "optim.start_steps")
   _validate_refresh(cfg, frozen)
+  hybrid = int(cfg.index.get("hybrid_bm25_candidates", 0) or 0)
+  if hybrid:
+    if cfg.index.kind not in ("exact_host", "scann"):
+      raise ConfigError(f"index.hybrid_bm25_candidates={hybrid} fuses BM25 with a host index: "
+                        f"set index.kind to exact_host or scann (got {cfg.index.kind!r})")
+    if hybrid < retrieved_k(m) or m.get("rerank_candidates", 0):
+      raise ConfigError(f"index.hybrid_bm25_candidates={hybrid}: expected >= K={retrieved_k(m)} "
+                        "and no model.rerank_candidates")
   c = int(m.get("rerank_candidates", 0) or 0)
   k_r = retrieved_k(m)
   if c and m.loss != "closed_book" and c <= k_r:
@@ -335,41 +345,6 @@ def validate(cfg, mesh=None, *, data: bool = True) -> None:
     _validate_init(cfg)
   if mesh is not None:
     _validate_mesh(cfg, mesh)
-
-
-def _validate_retriever_loss(m) -> None:
-  name = m.get("retriever_loss", "none")
-  reader = m.get("reader", "rag")
-  _choice(reader, READERS, "model.reader")
-  _choice(name, RETRIEVER_LOSSES, "model.retriever_loss")
-  if name == "adist" and reader != "fid":
-    raise ConfigError("model.retriever_loss='adist' distils the reader's cross-attention: it needs "
-                      "model.reader='fid' (one cross-attention over all K passages); the rag "
-                      "reader reads each passage apart. Use pdist, emdr2 or loop")
-  if reader == "fid" and m.loss in ("closed_book", "top1"):
-    raise ConfigError(f"model.reader='fid' with model.loss={m.loss!r}: the FiD reader reads all K "
-                      "passages with its own NLL; use loss rag_token or rag_sequence (ignored "
-                      "by FiD) or reader 'rag'")
-  k_r = int(m.get("retriever_k", 0) or 0)
-  if k_r:
-    if k_r < int(m.k):
-      raise ConfigError(f"model.retriever_k={k_r} < model.k={int(m.k)}: the retriever scores "
-                        "at least the passages the reader reads (0: the same K)")
-    if k_r > int(m.k) and name == "none":
-      raise ConfigError(f"model.retriever_k={k_r} > model.k={int(m.k)} needs a "
-                        "model.retriever_loss (pdist, emdr2, loop or adist): only it reads the "
-                        "extra passages")
-  if name != "none" and m.loss == "closed_book":
-    raise ConfigError("model.retriever_loss: closed_book retrieves nothing to train")
-  ev = m.get("target_evidence", "likelihood")
-  _choice(ev, ("likelihood", "contrastive"), "model.target_evidence")
-  if ev == "contrastive" and (name == "none" or reader == "fid"):
-    raise ConfigError("model.target_evidence='contrastive' changes the target of a retriever "
-                      "objective of the rag reader: set model.retriever_loss to pdist, emdr2 or "
-                      "loop and model.reader='rag'")
-  for key in ("retriever_temperature", "target_temperature"):
-    if not float(m.get(key, 1.0)) > 0:
-      raise ConfigError(f"model.{key}={m.get(key)}: expected a positive number")
 
 
 def _validate_refresh(cfg, frozen) -> None:
@@ -385,7 +360,7 @@ def _validate_refresh(cfg, frozen) -> None:
   if cfg.model.loss == "closed_book":
     return
   trainable = "passage_encoder" not in frozen
-  if trainable and not cfg.model.reencode_passages:
+  if trainable and not cfg.model.reencode_passages and cfg.model.loss != "dpr":
     raise ConfigError("a trainable passage encoder (optim.freeze without passage_encoder) needs "
                       "model.reencode_passages=true: the step scores passages by their index "
                       "embeddings otherwise, so the passage encoder would get no gradient")

@@ -175,6 +175,29 @@ def test_fid_loss_nll_and_adist_against_transformers(readers):
   want = _kl(scores, target, 0.5, 0.01)
   assert abs(float(aux_ad["retriever_loss"]) - want) <= 1e-5 * max(1.0, abs(want))
   assert abs(float(loss_ad) - float(loss_none) - want) <= 1e-4
+  # In-batch negatives: every other example's passages join the retriever's softmax with no
+  # target mass (rows: distinct passages, except example 1 repeats example 0's first passage,
+  # which is then not its negative); Atlas's mean stays over the B*K scored passages.
+  ids_bk = np.arange(B * K, dtype=np.int32).reshape(B, K)
+  ids_bk[1, 0] = ids_bk[0, 0]
+  inb = {**batch, "doc_ids": ids_bk}
+  q = np.asarray(model.apply({"params": params}, batch["query_input_ids"],
+                             batch["query_attention_mask"], method=RagModel.encode_query),
+                 np.float64)
+  emb = batch["passage_embeddings"].astype(np.float64)
+  kl_ext = 0.0
+  for b in range(B):
+    cols = [emb[b, k] for k in range(K)] + [emb[o, k] for o in range(B) if o != b
+                                            for k in range(K) if ids_bk[o, k] not in ids_bk[b]]
+    s_ext = np.array([q[b] @ c * model.doc_score_scale for c in cols]) / 0.5
+    lp_ext = s_ext - np.log(np.exp(s_ext - s_ext.max()).sum()) - s_ext.max()
+    pt = np.exp(target[b] / 0.01 - np.log(np.exp(target[b] / 0.01 - (target[b] / 0.01).max())
+                                          .sum()) - (target[b] / 0.01).max())
+    kl_ext += np.sum(pt * (np.log(pt) - lp_ext[:K]))
+  _, aux_inb = jax.jit(lambda p: fid.fid_loss(model, p, inb, retriever_loss="adist",
+                                              in_batch_negatives=True, **kw))(params)
+  np.testing.assert_allclose(float(aux_inb["retriever_loss"]), kl_ext / (B * K), rtol=1e-4)
+  assert float(aux_inb["retriever_loss"]) > want
   # Gradients: the target is under stop-gradient, so the generator's gradient is the NLL's
   # alone; the query encoder gets one only through the retriever objective.
   g_none = jax.jit(jax.grad(lambda p: fid.fid_loss(model, p, batch)[0]))(params)

@@ -18,7 +18,7 @@ LAYERS = (
     ("decoding / retrieval", {"decoding", "retrieval"}),
     ("objectives / models", {"objectives", "models"}),
     ("data", {"data"}),
-    ("base", {"config", "sharding", "errors", "fsutil", "hostenv", "checkpoint", "__init__"}),
+    ("base", {"config", "config_checks", "sharding", "errors", "fsutil", "hostenv", "checkpoint", "__init__"}),
 )
 
 

@@ -31,7 +31,7 @@ from ragjax.decoding import beam
 from ragjax.decoding.rag import rag_sequence_generate, rag_token_generate
 from ragjax.evaluation.metrics import exact_match, f1
 from ragjax.models.seq2seq import Seq2Seq
-from ragjax.retrieval.evaluate import recall_at_k
+from ragjax.retrieval.evaluate import recall_at_k, recall_report
 from ragjax.system.feed import Feeder
 
 
@@ -99,6 +99,8 @@ def evaluate(feeder: Feeder, params, questions: Sequence[Question], ecfg, step: 
   """
   if not questions:
     raise ValueError("evaluate: no questions")
+  if feeder.system.cfg.model.loss == "dpr":
+    return evaluate_retrieval_only(feeder, params, questions, ecfg, step, num_examples)
   system = feeder.system
   size = int(ecfg.batch_size)
   t0 = time.perf_counter()
@@ -139,4 +141,37 @@ def evaluate(feeder: Feeder, params, questions: Sequence[Question], ecfg, step: 
                       "passages": ([system.passages[r].id for r in row[:system.reader_k]]
                                    if not system.closed_book else [])}
                      for q, p, row in list(zip(questions, preds, rows))[:num_examples]]
+  return out
+
+
+def evaluate_retrieval_only(feeder: Feeder, params, questions: Sequence[Question], ecfg,
+                            step: int = 0, num_examples: int = 20) -> dict:
+  """A retriever-only run's evaluation (`model.loss="dpr"`): the live query encoder searches
+  the current index `max(K, recall_ks)` deep. Returns `step`, `num_questions`, `loss`,
+  `answer_recall` and, when every question has gold ids, `gold_recall` (`{"k": r}`, fractions
+  in [0, 1]; DPR's top-k retrieval accuracy), `retrieval` (`hub_stats`), `seconds` and the first
+  `num_examples` questions with their top-K passage ids. Raises: ValueError on no questions."""
+  if not questions:
+    raise ValueError("evaluate: no questions")
+  system = feeder.system
+  size, t0 = int(ecfg.batch_size), time.perf_counter()
+  depth = max([system.k, *ecfg.recall_ks])
+  rows_all = []
+  for start in range(0, len(questions), size):
+    chunk = list(questions[start:start + size])
+    chunk += [chunk[-1]] * (size - len(chunk))
+    host = system.question_batch(chunk[feeder.local_rows(size)])
+    batch = {key: feeder._put(host[key]) for key in ("query_input_ids", "query_attention_mask")}
+    rows_all.append(feeder.top_rows(params, batch, depth)[:len(questions) - start])
+  rows = np.concatenate(rows_all)
+  ks = [k for k in ecfg.recall_ks if k <= rows.shape[1]]
+  recall = recall_report(system.passages, questions, rows, ks)
+  out = {"step": int(step), "num_questions": len(questions), "loss": "dpr",
+         "answer_recall": recall["answer"],
+         **({"gold_recall": recall["gold"]} if "gold" in recall else {}),
+         "retrieval": hub_stats(rows[:, 0], len(system.passages)),
+         "seconds": round(time.perf_counter() - t0, 2)}
+  out["examples"] = [{"question": q.question, "answers": list(q.answers),
+                      "passages": [system.passages[r].id for r in row[:system.k]]}
+                     for q, row in list(zip(questions, rows))[:num_examples]]
   return out

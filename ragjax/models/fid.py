@@ -30,7 +30,8 @@ import re
 import jax
 import jax.numpy as jnp
 
-from ragjax.models.rag import RagModel, batch_doc_scores, batch_targets, doc_score_stats
+from ragjax.models.rag import (RagModel, batch_doc_scores, batch_targets, doc_score_stats,
+                               in_batch_scores, pad_negatives)
 from ragjax.objectives import rag_losses as losses
 from ragjax.objectives import retriever_losses
 
@@ -112,7 +113,8 @@ def fid_loss(model: RagModel, params, batch: dict, label_smoothing: float = 0.0,
              reduce: str = "mean", deterministic: bool = True, rng: Array | None = None,
              retriever_loss: str = "none", retriever_temperature: float = 1.0,
              target_temperature: float = 1.0, retriever_weight: float = 1.0,
-             reader_k: int | None = None) -> tuple[Array, dict]:
+             reader_k: int | None = None, null_baseline: bool = False,
+             in_batch_negatives: bool = False) -> tuple[Array, dict]:
   """`(loss, aux)` of one batch for the FiD reader, jittable.
 
   The batch is `rag_loss`'s: doc-score inputs for K_r passages (`batch_doc_scores`), contexts
@@ -120,7 +122,9 @@ def fid_loss(model: RagModel, params, batch: dict, label_smoothing: float = 0.0,
   (`batch_targets`). loss = `losses.seq2seq_nll` of the FiD logits on the first `reader_k`
   (default K_r) contexts (token-summed per example, label smoothing as the RAG losses; `reduce`
   "mean" | "sum" | "none"), plus `retriever_weight` times the retriever objective (module
-  docstring; Atlas §2.2) on all K_r scores, its KL reduced as Atlas ("elementwise_mean").
+  docstring; Atlas §2.2) on all K_r scores, its KL reduced as Atlas ("elementwise_mean");
+  `null_baseline` and `in_batch_negatives` (adist, pdist, emdr2; the batch then needs
+  `passage_embeddings` and `doc_ids`) as in `rag_loss`.
 
   aux (float32 scalars, batch means): `nll_per_token`, `num_tokens`, `retrieval_entropy`,
   `top1_prior`, `doc_score_*` (`doc_score_stats`); with a retriever loss `retriever_loss`, and
@@ -163,17 +167,29 @@ def fid_loss(model: RagModel, params, batch: dict, label_smoothing: float = 0.0,
              top1_prior=jnp.mean(jnp.max(p_bk, axis=-1)), **doc_score_stats(scores_bk))
   if retriever_loss == "none":
     return loss, aux
+  negatives = in_batch_scores(model, params, batch, scores_bk, rngs) if in_batch_negatives else None
   r_loss, r_aux = _retriever_term(model, params, batch, scores_bk, sown, retriever_loss,
                                   retriever_temperature, target_temperature,
-                                  (dec_bt, targets_bt, mask_bt))
+                                  (dec_bt, targets_bt, mask_bt), null_baseline, negatives)
   aux.update(retriever_loss=r_loss, **r_aux)
   return loss + retriever_weight * r_loss, aux
 
 
-def _retriever_term(model, params, batch, scores_bk, sown, name, t_retr, t_tgt, targets):
+def _retriever_term(model, params, batch, scores_bk, sown, name, t_retr, t_tgt, targets,
+                    null_baseline=False, negatives_bn=None):
   """The retriever objective `name` on `scores_bk` `[B, K_r]` against a stop-gradient reader
-  target over all K_r passages: `(float32 scalar, extra aux)`."""
+  target over all K_r passages: `(float32 scalar, extra aux)`. With `negatives_bn` (`[B, N]`,
+  `in_batch_scores`) the objective's scores are those, its target -inf past the first K_r."""
   dec_bt, targets_bt, mask_bt = targets
+  if negatives_bn is not None:
+    if name == "loop":
+      raise ValueError("in-batch negatives extend adist, pdist or emdr2, not loop")
+    obj_scores, pad = negatives_bn, (lambda t: pad_negatives(t, negatives_bn.shape[1]))
+    # Atlas's elementwise mean is over the B*K_r scored passages, not the padded B*B*K_r
+    kl_reduce, kl_scale = "mean", 1.0 / scores_bk.shape[1]
+  else:
+    obj_scores, pad = scores_bk, (lambda t: t)
+    kl_reduce, kl_scale = "elementwise_mean", 1.0
   ids_bkl, cmask_bkl = batch["context_input_ids"], batch["context_attention_mask"]
   b, k_r, length = ids_bkl.shape
   sg = jax.lax.stop_gradient
@@ -184,8 +200,9 @@ def _retriever_term(model, params, batch, scores_bk, sown, name, t_retr, t_tgt, 
     attn, vnorm = cross_attention_of(sown["intermediates"], k_r, length)
     target_bk = retriever_losses.aggregate_cross_attention(
         sg(attn), cmask_bkl, mask_bt, value_norm_nbhkl=sg(vnorm))
-    return retriever_losses.attention_distillation_loss(
-        scores_bk, target_bk, retriever_temperature=t_retr, target_temperature=t_tgt), {}
+    return kl_scale * retriever_losses.attention_distillation_loss(
+        obj_scores, pad(target_bk), retriever_temperature=t_retr, target_temperature=t_tgt,
+        null_baseline=null_baseline, reduce=kl_reduce), {}
   enc_bse, fmask_bs = model.apply({"params": sg(params)}, ids_bkl, cmask_bkl, method=fid_encode)
   enc_bse = sg(enc_bse)
   eye_kk = jnp.eye(k_r, dtype=bool)
@@ -197,15 +214,17 @@ def _retriever_term(model, params, batch, scores_bk, sown, name, t_retr, t_tgt, 
   if name == "loop":
     return retriever_losses.leave_one_out_loss(
         scores_bk, logp_bk / tokens_b1, retriever_temperature=t_retr,
-        target_temperature=t_tgt), {}
+        target_temperature=t_tgt, null_baseline=null_baseline), {}
   log_prior_bk = losses.retrieval_log_prior(doc_scores_bk=sg(scores_bk))
   post_bk = jax.nn.log_softmax(log_prior_bk + logp_bk, axis=-1)   # p(z|x,y), Bayes' rule
   q_bk = jnp.exp(post_bk)
   post_entropy = jnp.mean(-jnp.sum(jnp.where(q_bk > 0, q_bk * post_bk, 0.0), axis=-1))
   kl = jnp.mean(jnp.sum(jnp.where(q_bk > 0, q_bk * (post_bk - log_prior_bk), 0.0), axis=-1))
   if name == "pdist":
-    r_loss = retriever_losses.perplexity_distillation_loss(
-        scores_bk, logp_bk / tokens_b1, retriever_temperature=t_retr, target_temperature=t_tgt)
+    r_loss = kl_scale * retriever_losses.perplexity_distillation_loss(
+        obj_scores, pad(logp_bk / tokens_b1), retriever_temperature=t_retr,
+        target_temperature=t_tgt, null_baseline=null_baseline, reduce=kl_reduce)
   else:
-    r_loss = retriever_losses.emdr_loss(scores_bk, logp_bk, retriever_temperature=t_retr)
+    r_loss = retriever_losses.emdr_loss(obj_scores, pad(logp_bk), retriever_temperature=t_retr,
+                                        null_baseline=null_baseline)
   return r_loss, {"posterior_entropy": post_entropy, "posterior_prior_kl": kl}

@@ -29,6 +29,7 @@ from flax.core import meta
 from ragjax import sharding as sh
 from ragjax.models.bert import BertConfig, BiEncoder
 from ragjax.models.seq2seq import Seq2Seq, Seq2SeqConfig
+from ragjax.objectives import dpr as dpr_objective
 from ragjax.objectives import rag_losses as losses
 from ragjax.objectives import retriever_losses
 
@@ -178,12 +179,17 @@ def batch_doc_scores(model: RagModel, params, batch: dict, *, deterministic: boo
                  "doc_scores")
 
 
+TARGET_EVIDENCE = ("likelihood", "contrastive", "random")
+
+
 def rag_loss(model: RagModel, params, batch: dict, loss_name: str = "rag_token",
              label_smoothing: float = 0.0, *, reduce: str = "mean", deterministic: bool = True,
              rng: Array | None = None, retriever_loss: str = "none",
              retriever_temperature: float = 1.0, target_temperature: float = 1.0,
              retriever_weight: float = 1.0, reader_k: int | None = None,
-             target_evidence: str = "likelihood") -> tuple[Array, dict]:
+             target_evidence: str = "likelihood",
+             null_baseline: bool = False, in_batch_negatives: bool = False
+             ) -> tuple[Array, dict]:
   """`(loss, aux)` of one batch, jittable (close over everything but `params`, `batch`, `rng`).
 
   doc scores `[B, K]` from `batch_doc_scores` (live query encoder: RAG §2.4), generator logits
@@ -209,6 +215,12 @@ def rag_loss(model: RagModel, params, batch: dict, loss_name: str = "rag_token",
   log p(y|x, Z without z) = log sum_{j != z} p(j|x) p(y|x,j) / sum_{j != z} p(j|x): this
   reader reads each passage apart, so leaving one out is a re-marginalisation); the KL losses
   reduce as Atlas does ("elementwise_mean"). aux then has `retriever_loss` (its value).
+  `null_baseline` trains against the target minus its mean under exchangeable evidence
+  (`retriever_losses.null_baselined`). `in_batch_negatives` scores each query against the
+  other examples' K_r passages too (`[B, B*K_r]`, from `passage_embeddings`; a passage that is
+  also one of its own, by `doc_ids` `[B, K_r]`, is left out), with target mass 0 there, as
+  DPR's in-batch negatives: the top-K objective alone does not see a move shared by every
+  query, which the corpus-wide ranking does (`experiments/bios.py`).
 
   `reader_k` (default: the batch's K_r) < K_r separates Atlas's two K: the generator and the
   marginal read the first `reader_k` passages (best first) while the retriever objective scores
@@ -219,17 +231,24 @@ def rag_loss(model: RagModel, params, batch: dict, loss_name: str = "rag_token",
   question-specific: e_k = log p(y_i | x_i, z_k) - (T_i / T_j) log p(y_j | x_i, z_k), with y_j
   the answer of the next example in the batch (j = i + 1 mod B; T the answers' token counts),
   so the per-token target is the difference of two per-token means. A passage that raises every
-  answer alike (the generator's answer prior before it reads: the measured cause of the
-  retriever collapse, `experiments/bios.py`) cancels out; one that supports this question's
-  answer rather than another's gains (a pointwise-mutual-information reading of the reader's
-  evidence). aux then also has `contrastive_evidence` (batch mean of e_k on the top passage).
+  answer alike (the generator's answer prior before it reads; once thought the cause of the
+  retriever collapse, refuted in `experiments/bios.py`) cancels out; one that supports this
+  question's answer rather than another's gains (a pointwise-mutual-information reading of
+  the reader's evidence). aux then also has `contrastive_evidence` (batch mean of e_k on the
+  top passage).
+
+  `target_evidence="random"` is a control, not a training method: the reader's evidence is
+  replaced by i.i.d. noise e_bk ~ N(0, s_b^2), s_b the spread (standard deviation over the K_r
+  passages) of the real log p(y|x,z) of example b, so the target keeps the reader's noise level
+  but carries neither question content nor the generator's answer prior. It needs `rng`.
 
   Raises: ValueError for an unknown loss or retriever loss or evidence, reader_k outside
-  [1, K_r], reader_k < K_r without a retriever loss, or contrastive evidence with B < 2;
+  [1, K_r], reader_k < K_r without a retriever loss, contrastive evidence with B < 2, or random
+  evidence without rng;
   KeyError for a batch without doc-score inputs.
   """
-  if target_evidence not in ("likelihood", "contrastive"):
-    raise ValueError(f"target_evidence {target_evidence!r}: expected likelihood or contrastive")
+  if target_evidence not in TARGET_EVIDENCE:
+    raise ValueError(f"target_evidence {target_evidence!r}: expected one of {TARGET_EVIDENCE}")
   loss_fn = losses.get_loss_fn(loss_name)
   if retriever_loss not in ("none", "pdist", "emdr2", "loop"):
     raise ValueError(f"retriever_loss {retriever_loss!r}: expected none, pdist, emdr2 or loop "
@@ -274,9 +293,26 @@ def rag_loss(model: RagModel, params, batch: dict, loss_name: str = "rag_token",
     stats = stats._replace(seq_logprob_bk=evidence_bk)
     extra["contrastive_evidence"] = jnp.mean(evidence_bk[:, 0] / jnp.maximum(
         stats.num_tokens_b, 1.0))
+  if retriever_loss != "none" and target_evidence == "random":
+    if rng is None:
+      raise ValueError("target_evidence='random' draws noise: it needs rng")
+    real_bk = stats.seq_logprob_bk
+    valid_bk = jnp.isfinite(stats.log_prior_bk)
+    n_b1 = jnp.maximum(jnp.sum(valid_bk, -1, keepdims=True), 1)
+    mean_b1 = jnp.sum(jnp.where(valid_bk, real_bk, 0.0), -1, keepdims=True) / n_b1
+    spread_b1 = jnp.sqrt(jnp.sum(jnp.where(valid_bk, jnp.square(real_bk - mean_b1), 0.0), -1,
+                                 keepdims=True) / n_b1)
+    noise_bk = jax.random.normal(jax.random.fold_in(rng, 0x5EED), real_bk.shape, jnp.float32)
+    stats = stats._replace(seq_logprob_bk=mean_b1 + spread_b1 * noise_bk)
+    extra["evidence_spread"] = jnp.mean(spread_b1)
   if retriever_loss != "none":
-    r_loss = retriever_objective(retriever_loss, scores_bk, stats, retriever_temperature,
-                                 target_temperature)
+    objective_scores, objective_stats = scores_bk, stats
+    if in_batch_negatives:
+      objective_scores, objective_stats = _with_in_batch_negatives(model, params, batch,
+                                                                   scores_bk, stats, rngs)
+    r_loss = retriever_objective(retriever_loss, objective_scores, objective_stats,
+                                 retriever_temperature, target_temperature, null_baseline,
+                                 reader_k_r=k_r)
     loss = loss + retriever_weight * r_loss
     extra["retriever_loss"] = r_loss
   tokens_b = stats.num_tokens_b
@@ -288,6 +324,106 @@ def rag_loss(model: RagModel, params, batch: dict, loss_name: str = "rag_token",
       nll_per_token=-jnp.sum(stats.rag_sequence_logprob_b) / jnp.maximum(jnp.sum(tokens_b), 1.0),
       num_tokens=jnp.mean(tokens_b), **doc_score_stats(scores_bk), **extra)
   return loss, aux
+
+
+def in_batch_scores(model: RagModel, params, batch: dict, scores_bk: Array, rngs=None
+                    ) -> Array:
+  """Doc scores `[B, B*K]` float32 of each query against its own K passages (first, the same
+  values as `scores_bk` `[B, K]` up to the call's rounding) and then every other example's
+  passages, -inf where one of those is also among its own (by `doc_ids` `[B, K]`): the
+  candidates of in-batch negatives (DPR §3.2). Passages by the live passage encoder on
+  `passage_input_ids` / `passage_attention_mask` `[B, K, Lp]` when present (joint training: it
+  gets a gradient), else their `passage_embeddings` `[B, K, D]` (under stop-gradient); the live
+  query encoder with `rngs` (its dropout).
+
+  Raises: KeyError when the batch lacks doc_ids or both passage keys."""
+  if "doc_ids" not in batch or not {"passage_embeddings", "passage_input_ids"} & set(batch):
+    raise KeyError("in-batch negatives need doc_ids and passage_embeddings or "
+                   "passage_input_ids in the batch")
+  if "passage_input_ids" in batch:
+    emb_bkd = model.apply({"params": params}, batch["passage_input_ids"],
+                          batch["passage_attention_mask"], method=RagModel.encode_passages,
+                          deterministic=rngs is None, rngs=rngs)
+  else:
+    emb_bkd = jax.lax.stop_gradient(batch["passage_embeddings"])
+  b, k, d = emb_bkd.shape
+  all_bnd = jnp.broadcast_to(emb_bkd.reshape(1, b * k, d), (b, b * k, d))
+  ext_bn = model.apply({"params": params}, batch["query_input_ids"],
+                       batch["query_attention_mask"], all_bnd, method=RagModel.retrieve_scores,
+                       deterministic=rngs is None, rngs=rngs)
+  ids_bk = batch["doc_ids"]
+  ids_n = ids_bk.reshape(b * k)
+  others_bn = jnp.repeat(jnp.arange(b), k)[None, :] != jnp.arange(b)[:, None]
+  dup_bn = jnp.any(ids_n[None, :, None] == ids_bk[:, None, :], axis=-1)
+  own_bk = jnp.take_along_axis(ext_bn, jnp.arange(b)[:, None] * k + jnp.arange(k)[None], axis=1)
+  own_bk = jnp.where(jnp.isfinite(scores_bk), own_bk, -jnp.inf)
+  order_bn = jnp.argsort(~others_bn, axis=1, stable=True)[:, :b * k - k]  # the others' columns
+  rest_bn = jnp.take_along_axis(jnp.where(others_bn & ~dup_bn, ext_bn, -jnp.inf), order_bn, 1)
+  return jnp.concatenate([own_bk, rest_bn], axis=1)
+
+
+def pad_negatives(target_bk: Array, width: int) -> Array:
+  """A reader-side target `[B, K]` extended to `[B, width]` with -inf (no target mass on the
+  in-batch negatives of `in_batch_scores`)."""
+  b, k = target_bk.shape
+  return jnp.concatenate([target_bk, jnp.full((b, width - k), -jnp.inf, jnp.float32)], axis=1)
+
+
+def _with_in_batch_negatives(model, params, batch, scores_bk, stats, rngs):
+  """`(scores [B, B*K], stats)` for the retriever objective: `in_batch_scores`, the reader-side
+  evidence and prior -inf on the negatives (no target mass)."""
+  ext_bn = in_batch_scores(model, params, batch, scores_bk, rngs)
+  n = ext_bn.shape[1]
+  return ext_bn, stats._replace(seq_logprob_bk=pad_negatives(stats.seq_logprob_bk, n),
+                                log_prior_bk=pad_negatives(stats.log_prior_bk, n))
+
+
+def dpr_loss(model: RagModel, params, batch: dict, *, reduce: str = "mean",
+             deterministic: bool = True, rng: Array | None = None) -> tuple[Array, dict]:
+  """`(loss, aux)` of a retriever-only DPR batch (`model.loss="dpr"`), jittable.
+
+  DPR's in-batch + hard-negative NLL (Karpukhin et al. 2020 §3.2 eq. 2,
+  `ragjax.objectives.dpr.dpr_contrastive_loss`) with logits doc_score_scale * q·d: q from the
+  live query encoder on `query_input_ids` / `query_attention_mask` `[B, Lq]`; the positives
+  (each question's gold passage) and hard negatives from the live passage encoder on
+  `positive_input_ids` / `positive_attention_mask` `[B, Lp]` and `passage_input_ids` /
+  `passage_attention_mask` `[B, N, Lp]` when the batch has those tokens, else the index's
+  vectors `positive_embeddings` `[B, D]` and `passage_embeddings` `[B, N, D]` (a frozen passage
+  encoder); no hard-negative keys: in-batch negatives only. `positive_rows` `[B]` (corpus rows
+  of the positives), when present, keeps a question's own passage out of its in-batch negatives
+  when another question of the batch shares it.
+
+  aux (float32 scalars): `dpr_accuracy` (fraction of questions whose positive scores top among
+  the B + B*N candidates), `doc_score_*` of the positive and hard-negative scores (`[B, 1+N]`).
+  Raises: ValueError for dropout without `rng`; KeyError for a batch with neither positive key.
+  """
+  if not deterministic and rng is None:
+    raise ValueError("dpr_loss: deterministic=False needs rng (dropout)")
+  kw = dict(deterministic=deterministic, rngs=None if deterministic else {"dropout": rng})
+  v = {"params": params}
+  q_bd = model.apply(v, batch["query_input_ids"], batch["query_attention_mask"],
+                     method=RagModel.encode_query, **kw)
+  if "positive_input_ids" in batch:
+    pos_bd = model.apply(v, batch["positive_input_ids"][:, None],
+                         batch["positive_attention_mask"][:, None],
+                         method=RagModel.encode_passages, **kw)[:, 0]
+  else:
+    pos_bd = batch["positive_embeddings"]
+  if "passage_input_ids" in batch:
+    neg_bnd = model.apply(v, batch["passage_input_ids"], batch["passage_attention_mask"],
+                          method=RagModel.encode_passages, **kw)
+  else:
+    neg_bnd = batch.get("passage_embeddings")
+  scale = float(model.doc_score_scale)
+  q_bd = q_bd.astype(jnp.float32) * scale
+  out = dpr_objective.dpr_contrastive_loss(q_bd, pos_bd, neg_bnd, reduce=reduce,
+                                           positive_ids_b=batch.get("positive_rows"))
+  own_bk = jnp.einsum("bd,bd->b", q_bd, pos_bd.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST)[:, None]
+  if neg_bnd is not None:
+    own_bk = jnp.concatenate([own_bk, jnp.einsum("bd,bnd->bn", q_bd, neg_bnd.astype(jnp.float32),
+                                                 precision=jax.lax.Precision.HIGHEST)], 1)
+  return out.loss, {"dpr_accuracy": jnp.mean(out.accuracy), **doc_score_stats(own_bk)}
 
 
 def doc_score_stats(scores_bk: Array) -> dict:
@@ -307,18 +443,23 @@ def doc_score_stats(scores_bk: Array) -> dict:
 
 
 def retriever_objective(name: str, scores_bk: Array, stats, retriever_temperature: float,
-                        target_temperature: float) -> Array:
+                        target_temperature: float, null_baseline: bool = False,
+                        reader_k_r: int | None = None) -> Array:
   """The Atlas retriever objective `name` ("pdist" | "emdr2" | "loop", see `rag_loss`) of doc
   scores `[B, K]` (with gradient) against the reader's `losses.RagStats` (under stop-gradient):
-  a float32 scalar."""
+  a float32 scalar. `reader_k_r`: the passages really scored when `scores_bk` carries in-batch
+  negatives past them (PDist's Atlas mean divides by B * K_r; default K)."""
   tokens_b1 = jnp.maximum(stats.num_tokens_b, 1.0)[:, None]
-  if name == "pdist":
+  if name == "pdist":  # Atlas's elementwise mean over the B*K scored passages (`reader_k_r`)
+    k_r = int(reader_k_r or scores_bk.shape[1])
     return retriever_losses.perplexity_distillation_loss(
         scores_bk, stats.seq_logprob_bk / tokens_b1, retriever_temperature=retriever_temperature,
-        target_temperature=target_temperature)
+        target_temperature=target_temperature, null_baseline=null_baseline,
+        reduce="mean") / k_r
   if name == "emdr2":
     return retriever_losses.emdr_loss(scores_bk, stats.seq_logprob_bk,
-                                      retriever_temperature=retriever_temperature)
+                                      retriever_temperature=retriever_temperature,
+                                      null_baseline=null_baseline)
   k = scores_bk.shape[1]
   others_kk = ~jnp.eye(k, dtype=bool)                                  # [k, j]: j != k
   joint_bk = stats.log_prior_bk + stats.seq_logprob_bk
@@ -327,4 +468,4 @@ def retriever_objective(name: str, scores_bk: Array, stats, retriever_temperatur
             - jax.nn.logsumexp(mask(stats.log_prior_bk), axis=-1))
   return retriever_losses.leave_one_out_loss(
       scores_bk, loo_bk / tokens_b1, retriever_temperature=retriever_temperature,
-      target_temperature=target_temperature)
+      target_temperature=target_temperature, null_baseline=null_baseline)

@@ -23,6 +23,7 @@ class DprLoss(NamedTuple):
 def dpr_contrastive_loss(query_bd: jax.Array, positive_bd: jax.Array,
                          hard_negative_bnd: jax.Array | None = None, *,
                          hard_negative_mask_bn: jax.Array | None = None,
+                         positive_ids_b: jax.Array | None = None,
                          reduce: str = "mean") -> DprLoss:
   """DPR's in-batch + hard-negative NLL, Karpukhin et al. 2020 §3.2 eq. 2.
 
@@ -33,14 +34,16 @@ def dpr_contrastive_loss(query_bd: jax.Array, positive_bd: jax.Array,
   hard negatives (B*N, example-major)], logits_bc = q_b·cand_c in float32, and
     loss_b = logsumexp_c logits_bc - logits_bb.
   A False in `hard_negative_mask_bn` removes that candidate for every query (score -inf); see
-  `exclude_gold_mask`. Not handled: a positive of another query that is also a gold passage of
-  query b (an in-batch false negative).
+  `exclude_gold_mask`. With `positive_ids_b`, another query's positive that is the same passage
+  as query b's (two questions about one passage in a batch: an in-batch false negative) is
+  removed from query b's candidates; without it such a duplicate counts as a negative.
 
   Args:
     query_bd: [B, D] query embeddings, any float dtype.
     positive_bd: [B, D] the positive passage of each query.
     hard_negative_bnd: optional [B, N, D] hard negatives mined for each query.
     hard_negative_mask_bn: optional [B, N] bool/0-1, 1 on real hard-negative slots.
+    positive_ids_b: optional [B] int ids (e.g. corpus rows) of the positives.
     reduce: "mean" (DPR: `F.nll_loss(..., reduction="mean")`) | "sum" | "none".
   Returns:
     DprLoss(loss, accuracy): float32 scalars ("mean": fraction correct, "sum": number correct)
@@ -76,6 +79,13 @@ def dpr_contrastive_loss(query_bd: jax.Array, positive_bd: jax.Array,
   if col_valid_c is not None:
     logits_bc = jnp.where(col_valid_c[None, :], logits_bc, -jnp.inf)
   idx_b = jnp.arange(b)
+  if positive_ids_b is not None:
+    ids_b = jnp.asarray(positive_ids_b)
+    if ids_b.shape != (b,):
+      raise ValueError(f"positive_ids_b shape {ids_b.shape} != (B,) = {(b,)}")
+    dup_bb = (ids_b[:, None] == ids_b[None, :]) & (idx_b[:, None] != idx_b[None, :])
+    dup_bc = jnp.concatenate([dup_bb, jnp.zeros((b, cand_cd.shape[0] - b), bool)], axis=1)
+    logits_bc = jnp.where(dup_bc, -jnp.inf, logits_bc)
   pos_b = logits_bc[idx_b, idx_b]
   loss_b = jax.nn.logsumexp(logits_bc, axis=-1) - pos_b
   correct_b = (jnp.argmax(logits_bc, axis=-1) == idx_b).astype(jnp.float32)

@@ -93,8 +93,9 @@ def _retriever_log_prior(scores_bk, valid_bk, row_ok_b, retriever_temperature):
 
 
 def _kl_loss(scores_bk, target_bk, target_name, retriever_temperature, target_temperature,
-             reduce):
-  """KL(softmax(target / T_t) || softmax(scores / T_r)) per example, reduced (module docstring)."""
+             reduce, null_baseline=False):
+  """KL(softmax(target / T_t) || softmax(scores / T_r)) per example, reduced (module docstring);
+  with `null_baseline`, `null_baselined` of that target instead."""
   check_reduce(reduce, _KL_REDUCTIONS)
   _check_temperature("retriever_temperature", retriever_temperature)
   _check_temperature("target_temperature", target_temperature)
@@ -112,10 +113,58 @@ def _kl_loss(scores_bk, target_bk, target_name, retriever_temperature, target_te
   t_bk = jnp.where(row_ok_b[:, None], target_bk, 0.0) / target_temperature
   logp_tgt_bk = jax.nn.log_softmax(jnp.where(use_bk, t_bk, -jnp.inf), axis=-1)
   p_tgt_bk = jnp.exp(logp_tgt_bk)
+  if null_baseline:
+    null_bk = _shift_mean(lambda t: jax.nn.softmax(jnp.where(use_bk, t, -jnp.inf), axis=-1),
+                          t_bk)
+    loss_bk = _null_baselined_bk(p_tgt_bk, null_bk, logp_retr_bk, use_bk)
+    return reduce_loss(jnp.where(row_ok_b, jnp.sum(loss_bk, axis=-1), 0.0), reduce, loss_bk.size)
   pos_bk = p_tgt_bk > 0                    # 0 * log 0 = 0 (torch's xlogy); no inf - inf
   kl_bk = p_tgt_bk * (jnp.where(pos_bk, logp_tgt_bk, 0.0) - jnp.where(pos_bk, logp_retr_bk, 0.0))
   kl_b = jnp.where(row_ok_b, jnp.sum(kl_bk, axis=-1), 0.0)
   return reduce_loss(kl_b, reduce, kl_bk.size)
+
+
+def _shift_mean(target_fn, evidence_bk):
+  """(1/K) sum_j target_fn(roll(evidence_bk, j)) over the K cyclic shifts of the passages'
+  evidence `[B, K]`: the target's expectation when the evidence is exchangeable across the K
+  passages (the null that the reader's evidence does not depend on which passage it read),
+  exact in expectation under that null for any K. Stop-gradient."""
+  k = evidence_bk.shape[1]
+  shifted = [target_fn(jnp.roll(evidence_bk, j, axis=1)) for j in range(k)]
+  return jax.lax.stop_gradient(sum(shifted) / k)
+
+
+def _null_baselined_bk(target_bk, null_bk, logp_retr_bk, use_bk):
+  """Per-slot -(t_k - b_k) log p_retr(k) (see `null_baselined`): `[B, K]` float32, 0 on unused
+  slots."""
+  return jnp.where(use_bk, -(target_bk - null_bk) * jnp.where(use_bk, logp_retr_bk, 0.0), 0.0)
+
+
+def null_baselined(target_bk: jax.Array, null_bk: jax.Array, log_prior_bk: jax.Array) -> jax.Array:
+  """The null-baselined retriever objective per example, `[B]` float32:
+      loss_b = -sum_k (t_k - b_k) log p_retr(k),   d loss_b / d s_k = (b_k - t_k) / T_r
+  where t `[B, K]` is the objective's target distribution (KL losses: softmax(target / T_t);
+  EMDR²: the posterior p(k | q, a) ∝ p_retr(k) p_LM(a | q, d_k)), b `[B, K]` its mean when the
+  reader's evidence is moved to the other passages (`_shift_mean`: the K cyclic shifts), and
+  log p_retr `[B, K]` the retriever's log-softmax (with gradient). The KL's gradient is
+  (p_retr - t) / T_r: this replaces p_retr by b.
+
+  Why: before the reader reads, its evidence is noise and the target t fluctuates around the
+  prior, but its mean is not the prior: E[softmax(s + e)] is flatter than softmax(s) for
+  zero-mean noise e (Jensen; for a top-1 prior of 0.84 and noise of 0.22 nats per passage the
+  top-1 target mass is 0.0043 lower on average, 10x below the per-example noise of 0.043, by a
+  numpy simulation of 4M draws), a bias Adam's normalised steps do not shrink. Under the null
+  (evidence exchangeable across the K passages) E[t] = E[b] exactly, so the expected update is
+  0 whatever the noise (`tests/test_retriever_losses.py`); a reader that prefers the passage it
+  read gets t != b. Measured on the bios collapse (`experiments/bios.py`): with pure-noise
+  evidence it delays the collapse but does not prevent it (the move shared by every query is
+  not a bias of the target; in-batch negatives fix that).
+  Padded slots (log p_retr = -inf) get no mass; rows with a padded slot shift the padding too,
+  so b is exact in expectation only for rows without padding. Not in Atlas (an addition).
+  """
+  use_bk = jnp.isfinite(log_prior_bk)
+  return jnp.sum(_null_baselined_bk(jax.lax.stop_gradient(target_bk),
+                                    jax.lax.stop_gradient(null_bk), log_prior_bk, use_bk), -1)
 
 
 # ---------------------------------------------------------------------------- Atlas: ADist
@@ -203,7 +252,8 @@ def aggregate_cross_attention(attn_nbhtkl: jax.Array, passage_mask_bkl: jax.Arra
 
 def attention_distillation_loss(scores_bk: jax.Array, attention_scores_bk: jax.Array, *,
                                 retriever_temperature: float, target_temperature: float,
-                                reduce: str = "elementwise_mean") -> jax.Array:
+                                reduce: str = "elementwise_mean",
+                                null_baseline: bool = False) -> jax.Array:
   """ADist: KL(softmax(attn / T_t) || softmax(scores / T_r)), Atlas §2.2 "Attention Distillation".
 
   Atlas: `gold_score_mode="adist"` (= "evalnormsum"), `Atlas.kldivloss(retriever_score,
@@ -216,6 +266,8 @@ def attention_distillation_loss(scores_bk: jax.Array, attention_scores_bk: jax.A
     retriever_temperature, target_temperature: positive static floats (Atlas
       `temperature_score`, `temperature_gold`, both 0.01 by default).
     reduce: "elementwise_mean" (Atlas: / (B*K)) | "mean" (/ B) | "sum" | "none" ([B]).
+    null_baseline: train against the target minus its expectation under exchangeable
+      evidence instead of the KL (`null_baselined`; not in Atlas).
   Returns:
     float32 scalar, or [B] for reduce="none".
   Raises:
@@ -223,14 +275,15 @@ def attention_distillation_loss(scores_bk: jax.Array, attention_scores_bk: jax.A
     reduce or a non-positive temperature.
   """
   return _kl_loss(scores_bk, attention_scores_bk, "attention_scores_bk", retriever_temperature,
-                  target_temperature, reduce)
+                  target_temperature, reduce, null_baseline)
 
 
 # ---------------------------------------------------------------------------- Atlas: PDist, LOOP
 
 def perplexity_distillation_loss(scores_bk: jax.Array, seq_logprob_bk: jax.Array, *,
                                  retriever_temperature: float, target_temperature: float,
-                                 reduce: str = "elementwise_mean") -> jax.Array:
+                                 reduce: str = "elementwise_mean",
+                                 null_baseline: bool = False) -> jax.Array:
   """PDist: KL(softmax(log p_LM(a|q,d_k) / T_t) || softmax(scores / T_r)), Atlas §2.2.
 
   Atlas §2.2 "Perplexity Distillation (PDist)": p_tgt(k) ∝ exp(log p_LM(a | d_k, q) / T_t),
@@ -242,16 +295,18 @@ def perplexity_distillation_loss(scores_bk: jax.Array, seq_logprob_bk: jax.Array
   Args:
     scores_bk: [B, K] retriever scores q·d (any float dtype; -inf = padded slot), with gradient.
     seq_logprob_bk: [B, K] answer log-likelihood given passage k (any float dtype).
-    retriever_temperature, target_temperature, reduce: as `attention_distillation_loss`.
+    retriever_temperature, target_temperature, reduce, null_baseline: as
+      `attention_distillation_loss`.
   Returns / Raises: as `attention_distillation_loss`.
   """
   return _kl_loss(scores_bk, seq_logprob_bk, "seq_logprob_bk", retriever_temperature,
-                  target_temperature, reduce)
+                  target_temperature, reduce, null_baseline)
 
 
 def leave_one_out_loss(scores_bk: jax.Array, loo_logprob_bk: jax.Array, *,
                        retriever_temperature: float, target_temperature: float,
-                       reduce: str = "elementwise_mean") -> jax.Array:
+                       reduce: str = "elementwise_mean",
+                       null_baseline: bool = False) -> jax.Array:
   """LOOP: KL(softmax(-log p_LM(a|q,D\\{d_k}) / T_t) || softmax(scores / T_r)), Atlas §2.2.
 
   Atlas §2.2 "Leave-one-out Perplexity Distillation (LOOP)": p_tgt(k) ∝ exp(-log p_LM(a | D_K \\
@@ -264,12 +319,13 @@ def leave_one_out_loss(scores_bk: jax.Array, loo_logprob_bk: jax.Array, *,
   Args:
     scores_bk: [B, K] retriever scores q·d (any float dtype; -inf = padded slot), with gradient.
     loo_logprob_bk: [B, K] log p(a | q, D \\ {d_k}) (any float dtype; finite on real slots).
-    retriever_temperature, target_temperature, reduce: as `attention_distillation_loss`.
+    retriever_temperature, target_temperature, reduce, null_baseline: as
+      `attention_distillation_loss`.
   Returns / Raises: as `attention_distillation_loss`.
   """
   neg_loo_bk = -jnp.asarray(loo_logprob_bk).astype(jnp.float32)   # target logit = -log p
   return _kl_loss(scores_bk, neg_loo_bk, "loo_logprob_bk", retriever_temperature,
-                  target_temperature, reduce)
+                  target_temperature, reduce, null_baseline)
 
 
 # ---------------------------------------------------------------------------- Atlas: EMDR²
@@ -302,7 +358,8 @@ def token_logprobs(logits_bktv: jax.Array, targets_bt: jax.Array, *,
 
 
 def emdr_loss(scores_bk: jax.Array, seq_logprob_bk: jax.Array, *,
-              retriever_temperature: float, reduce: str = "mean") -> jax.Array:
+              retriever_temperature: float, reduce: str = "mean",
+              null_baseline: bool = False) -> jax.Array:
   """EMDR², sequence level: -log sum_k p_retr(k) p_LM(a | q, d_k), the reader term frozen.
 
   Atlas §2.2 "End-to-end training of Multi-Document Reader and Retriever (EMDR²)" (Sachan et
@@ -318,6 +375,8 @@ def emdr_loss(scores_bk: jax.Array, seq_logprob_bk: jax.Array, *,
     seq_logprob_bk: [B, K] log p_LM(a | q, d_k), the reader run on passage k alone (any float).
     retriever_temperature: positive static float (Atlas `temperature_score`).
     reduce: "mean" (/ B) | "sum" | "none" ([B]).
+    null_baseline: `null_baselined` with target the posterior p(k | q, a) and null its mean
+      over the K cyclic shifts of seq_logprob_bk (not in Atlas or Sachan et al.).
   Returns:
     float32 scalar, or [B] for reduce="none".
   Raises:
@@ -335,7 +394,13 @@ def emdr_loss(scores_bk: jax.Array, seq_logprob_bk: jax.Array, *,
   row_ok_b = jnp.any(valid_bk, axis=-1)
   logp_retr_bk, use_bk = _retriever_log_prior(scores_bk, valid_bk, row_ok_b,
                                               retriever_temperature)
-  joint_bk = jnp.where(use_bk, logp_retr_bk + jnp.where(use_bk, lp_bk, 0.0), -jnp.inf)
+  lp_bk = jnp.where(use_bk, lp_bk, 0.0)
+  joint_bk = jnp.where(use_bk, logp_retr_bk + lp_bk, -jnp.inf)
+  if null_baseline:
+    prior_bk = jax.lax.stop_gradient(logp_retr_bk)
+    post = lambda e_bk: jax.nn.softmax(jnp.where(use_bk, prior_bk + e_bk, -jnp.inf), axis=-1)
+    loss_bk = _null_baselined_bk(post(lp_bk), _shift_mean(post, lp_bk), logp_retr_bk, use_bk)
+    return reduce_loss(jnp.where(row_ok_b, jnp.sum(loss_bk, axis=-1), 0.0), reduce)
   loss_b = jnp.where(row_ok_b, -jax.nn.logsumexp(joint_bk, axis=-1), 0.0)
   return reduce_loss(loss_b, reduce)
 

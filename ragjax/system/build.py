@@ -26,7 +26,7 @@ from ragjax.data.corpus import Passage
 from ragjax.data.qa import Question
 from ragjax.data.sources import load_data
 from ragjax.data.tokenize import WordPieceTokenizer
-from ragjax.errors import ConfigError
+from ragjax.errors import ConfigError, DataError
 from ragjax.models import hf_import
 from ragjax.models.bert import BertConfig, BertEncoder
 from ragjax.models.rag import RagModel
@@ -60,6 +60,7 @@ class RagSystem:
   train_questions: list[Question]
   eval_questions: list[Question]
   tables: ContextTables
+  _bm25: Any = dataclasses.field(default=None, repr=False)
 
   @property
   def k(self) -> int:
@@ -102,6 +103,17 @@ class RagSystem:
                          tok.pad)
     return {"query_input_ids": q_tok.input_ids, "query_attention_mask": q_tok.attention_mask,
             "question_ids": q_ids, "question_lengths": q_len, "labels": labels}
+
+  def bm25_top_rows(self, questions: Sequence[Question], depth: int) -> np.ndarray:
+    """BM25 (bm25s, Lucene scoring over `title text`) corpus rows `[B, depth]` int64, best
+    first, of each question's text; the index is built on first use (seconds for 10^4
+    passages)."""
+    if self._bm25 is None:
+      from ragjax.retrieval.bm25_index import BM25Index  # bm25s: imported on use
+      self._bm25 = BM25Index.build([f"{p.title} {p.text}" for p in self.passages],
+                                   [p.id for p in self.passages])
+    return self._bm25.search_rows([q.question for q in questions],
+                                  min(int(depth), len(self.passages)))[1]
 
   def closed_book_contexts(self, host: dict) -> tuple[np.ndarray, np.ndarray]:
     """closed_book generator inputs `[B, 1, Q]`: the question alone."""
@@ -223,6 +235,13 @@ def build_system(cfg) -> RagSystem:
         where=str(cfg.data.get("corpus") or cfg.data.get("squad") or cfg.data.source))
     if cfg.data.max_train_questions:
       train = train[:int(cfg.data.max_train_questions)]
+  if cfg.model.loss == "dpr":  # DPR trains on (question, gold passage) pairs
+    ids = {p.id for p in passages}
+    for q in train:
+      if not q.gold_passage_ids or q.gold_passage_ids[0] not in ids:
+        raise DataError(f"model.loss='dpr' needs every training question to carry a gold "
+                        f"passage id of the corpus: question {q.id!r} ({cfg.data.source}) has "
+                        f"{list(q.gold_passage_ids)}")
   retriever = build_retriever(cfg)
   gcfg, gparams, gen_tok = build_generator(cfg, hf_import.minilm_dir(verify=False))
   model = RagModel(retriever.query_cfg, gcfg, passage_cfg=retriever.passage_cfg,

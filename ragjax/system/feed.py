@@ -33,9 +33,11 @@ import numpy as np
 from flax.linen import partitioning as nn_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
+from ragjax import config as config_lib
 from ragjax import sharding as sh
 from ragjax.data import pipeline
 from ragjax.models.rag import RagModel
+from ragjax.retrieval.hybrid import reciprocal_rank_fusion
 from ragjax.retrieval.index import ExactIndex
 from ragjax.retrieval.scann_index import ScannIndex
 from ragjax.retrieval.topk import device_top_k, exclude_rows
@@ -94,6 +96,8 @@ class Feeder:
     self.corpus = None
     self._ptables = None
     self._scores = self._encode = None
+    self._gathers = {}
+    self._questions = []
 
   # ------------------------------------------------------------------------------ shardings
 
@@ -180,8 +184,7 @@ class Feeder:
     """`[B, E]` int32 corpus rows each question may not retrieve, -1 padded.
 
     Raises: KeyError naming a question whose exclusion id is not in the corpus."""
-    if self._row_of is None:
-      self._row_of = {p.id: i for i, p in enumerate(self.system.passages)}
+    self._rows()
     out = np.full((len(questions), self.num_excluded), -1, np.int32)
     for i, q in enumerate(questions):
       for j, pid in enumerate(q.exclude_passage_ids):
@@ -194,7 +197,10 @@ class Feeder:
 
   def batch(self, params, questions_local) -> dict:
     """The step batch (global `jax.Array`s, module docstring) for this process's questions
-    (`global batch / process_count` of them), plus `doc_ids` `[B, K]` (corpus rows)."""
+    (`global batch / process_count` of them), plus `doc_ids` `[B, K]` (corpus rows); a
+    `dpr_batch` for `model.loss="dpr"`."""
+    if self.system.cfg.model.loss == "dpr":
+      return self.dpr_batch(params, questions_local)
     host = self.system.question_batch(questions_local)
     put = self._put
     out = {"query_input_ids": put(host["query_input_ids"]),
@@ -210,8 +216,65 @@ class Feeder:
       raise RuntimeError("Feeder.batch: no corpus embeddings; call set_corpus first")
     if self.num_excluded:
       host["exclude_rows"] = self.exclusion_rows(questions_local)
+    self._questions = list(questions_local)  # the hybrid feeder's BM25 queries
     out.update(self._retrieve_batch(params, out, host))
     return out
+
+  def dpr_batch(self, params, questions_local) -> dict:
+    """A DPR step batch (`ragjax.models.rag.dpr_loss`): query tokens, each question's first
+    gold passage as the positive and `model.dpr.hard_negatives` N hard negatives `[B, N]`: the
+    top passages of the current index under the live query encoder (`negatives="index"`, as
+    ANCE) or of BM25 (`"bm25"`, DPR §3.2), minus the question's gold passages. As tokens when
+    the passage encoder trains, else the index's vectors; `doc_ids` `[B, N]` the negatives'
+    rows."""
+    d = self.system.cfg.model.dpr
+    n = int(d.hard_negatives)
+    host = self.system.question_batch(questions_local)
+    put = self._put
+    out = {"query_input_ids": put(host["query_input_ids"]),
+           "query_attention_mask": put(host["query_attention_mask"])}
+    row_of = self._rows()
+    gold = [[row_of[g] for g in q.gold_passage_ids if g in row_of] for q in questions_local]
+    pos = np.array([g[0] for g in gold], np.int64)
+    out["positive_rows"] = put(pos.astype(np.int32))
+    rows = [pos[:, None]]
+    if n:
+      depth = n + max(len(g) for g in gold)
+      if d.negatives == "bm25":
+        cand = self.system.bm25_top_rows(questions_local, depth)
+      else:
+        cand = self.top_rows(params, out, depth)[self.local_rows(len(pos) * jax.process_count())]
+      neg = np.array([[r for r in c if r not in g][:n] for c, g in zip(cand, gold)], np.int64)
+      rows.append(neg)
+      out["doc_ids"] = put(neg.astype(np.int32))
+    live = "passage_encoder" not in config_lib.frozen_towers(self.system.cfg.optim)
+    names = [("positive_input_ids", "positive_attention_mask", "positive_embeddings"),
+             ("passage_input_ids", "passage_attention_mask", "passage_embeddings")]
+    p_ids, p_mask = self.passage_token_table() if live else (None, None)
+    for (ids_key, mask_key, emb_key), r in zip(names, rows):
+      r = r[:, 0] if ids_key.startswith("positive") else r
+      if live:
+        out.update({ids_key: put(p_ids[r]), mask_key: put(p_mask[r])})
+      else:
+        out[emb_key] = self._corpus_rows(r)
+    return out
+
+  def _rows(self) -> dict:
+    if self._row_of is None:
+      self._row_of = {p.id: i for i, p in enumerate(self.system.passages)}
+    return self._row_of
+
+  def _corpus_rows(self, rows_local: np.ndarray) -> jax.Array:
+    """The index's vectors of this process's rows `[B/P, ...]` -> a global batch-sharded
+    `[B, ..., D]` float32 array."""
+    if isinstance(self.corpus, np.ndarray):
+      return self._put(self.corpus[rows_local])
+    rows = self._put(rows_local.astype(np.int32))
+    if rows.ndim not in self._gathers:
+      self._gathers[rows.ndim] = jax.jit(lambda c, r: c[r],
+                                         out_shardings=self.batch_sharding(rows.ndim + 1))
+    with self._mesh_context():
+      return self._gathers[rows.ndim](self.corpus, rows)
 
   # ------------------------------------------------------------------------- per back-end
 
@@ -316,12 +379,28 @@ class DeviceFeeder(Feeder):
 
 class HostFeeder(Feeder):
   """Search on the host (`scann`: ScaNN; `exact_host`: `ExactIndex`): queries are encoded on the
-  mesh, gathered, searched, and each process assembles its rows with numpy."""
+  mesh, gathered, searched, and each process assembles its rows with numpy. With
+  `index.hybrid_bm25_candidates` C > 0 the dense top C and BM25's top C (the question text) are
+  fused by reciprocal rank fusion (`ragjax.retrieval.hybrid`); the doc scores stay q·d."""
 
   def __init__(self, system: RagSystem, mesh, rules, kind: str = "scann"):
     super().__init__(system, mesh, rules, kind)
     self.index = None
     self._rerank = None
+    self.hybrid = int(system.cfg.index.get("hybrid_bm25_candidates", 0) or 0)
+    self.rrf_k = float(system.cfg.index.get("rrf_k", 60.0))
+    if self.hybrid and self.num_excluded:
+      raise ValueError("index.hybrid_bm25_candidates with excluded passages (pretraining) is "
+                       "not supported")
+
+  def _search(self, q_bd: np.ndarray, depth: int, questions) -> np.ndarray:
+    """Rows `[B, depth]` of the dense index, or fused with BM25 when hybrid."""
+    if not self.hybrid:
+      return self.index.search_rows(q_bd, depth)[1]
+    c = max(self.hybrid, depth)
+    dense = self.index.search_rows(q_bd, c)[1]
+    sparse = self.system.bm25_top_rows(questions, c)
+    return reciprocal_rank_fusion([dense, sparse], depth, self.rrf_k)
 
   def set_corpus(self, embeddings_nd: np.ndarray, index=None) -> None:
     if self.system.closed_book:
@@ -342,7 +421,7 @@ class HostFeeder(Feeder):
   def _retrieve_batch(self, params, out, host):
     q_bd = self._query_vectors(params, out)
     q_local = q_bd[self.local_rows(q_bd.shape[0])]
-    _, rows = self.index.search_rows(q_local, self.depth)
+    rows = self._search(q_local, self.depth, self._questions)
     if self.depth > self.kept:  # drop the excluded rows (`exclude_rows`)
       rows = np.take_along_axis(rows, exclude_rows(rows, host["exclude_rows"], self.kept, xp=np),
                                 axis=1)
@@ -369,4 +448,8 @@ class HostFeeder(Feeder):
 
   def top_rows(self, params, batch, depth: int) -> np.ndarray:
     depth = min(int(depth), len(self.system.passages))
-    return self.index.search_rows(self._query_vectors(params, batch), depth)[1]
+    q_bd = self._query_vectors(params, batch)
+    if self.hybrid:  # the batch's questions (this process's; one process with hybrid)
+      if jax.process_count() > 1 or len(self._questions) != len(q_bd):
+        raise ValueError("hybrid top_rows: call on the last `batch` of one process")
+    return self._search(q_bd, depth, self._questions if self.hybrid else None)

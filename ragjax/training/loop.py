@@ -177,9 +177,14 @@ class Run:
     if self.is_main:
       (self.workdir / "eval").mkdir(parents=True, exist_ok=True)
       write_json_atomic(self.workdir / "eval" / f"step_{step}{name_suffix}.json", report)
-    log.info("eval step %d: EM %.4f F1 %.4f answer recall %s (%d questions, %.1f s)", step,
-             report["exact_match"], report["f1"], report.get("answer_recall"),
-             report["num_questions"], report["seconds"])
+    if "exact_match" in report:
+      log.info("eval step %d: EM %.4f F1 %.4f answer recall %s (%d questions, %.1f s)", step,
+               report["exact_match"], report["f1"], report.get("answer_recall"),
+               report["num_questions"], report["seconds"])
+    else:  # a retriever-only run
+      log.info("eval step %d: answer recall %s gold recall %s (%d questions, %.1f s)", step,
+               report["answer_recall"], report.get("gold_recall"), report["num_questions"],
+               report["seconds"])
     return report
 
 

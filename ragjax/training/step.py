@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ragjax import config as config_lib
 from ragjax import sharding as sh
 from ragjax.models.fid import fid_loss
-from ragjax.models.rag import RagModel, rag_loss
+from ragjax.models.rag import RagModel, dpr_loss, rag_loss
 from ragjax.training.state import Shapes, TrainState
 
 
@@ -42,7 +42,9 @@ def make_train_step(model: RagModel, cfg, tx, schedule):
   retriever_kw = dict(retriever_loss=str(m.get("retriever_loss", "none")),
                       retriever_temperature=float(m.get("retriever_temperature", 1.0)),
                       target_temperature=float(m.get("target_temperature", 1.0)),
-                      retriever_weight=float(m.get("retriever_loss_weight", 1.0)))
+                      retriever_weight=float(m.get("retriever_loss_weight", 1.0)),
+                      null_baseline=bool(m.get("retriever_null_baseline", False)),
+                      in_batch_negatives=bool(m.get("retriever_in_batch_negatives", False)))
   closed = m.loss == "closed_book"
   if not closed:
     retriever_kw["reader_k"] = int(m.k)
@@ -55,6 +57,8 @@ def make_train_step(model: RagModel, cfg, tx, schedule):
     gen = params["generator"]
     p = {"bi_encoder": bi,
          "generator": jax.lax.stop_gradient(gen) if "generator" in frozen else gen}
+    if loss_name == "dpr":  # a retriever-only job (DPR eq. 2): no reader
+      return dpr_loss(model, p, batch, deterministic=False, rng=rng)
     if fid:  # Fusion-in-Decoder: its own NLL over the K passages (ragjax.models.fid)
       return fid_loss(model, p, batch, smoothing, deterministic=False, rng=rng, **retriever_kw)
     return rag_loss(model, p, batch, loss_name, smoothing, deterministic=False, rng=rng,
@@ -121,6 +125,8 @@ def _gate(tree, step, start: int):
 def batch_shapes(cfg, model: RagModel, mesh, rules) -> dict:
   """Abstract step batch (global shapes, batch-sharded) for `cfg` (AOT compiles, tests)."""
   g, m = int(cfg.train.global_batch), cfg.model
+  if m.loss == "dpr":
+    return _dpr_batch_shapes(cfg, model, mesh, rules)
   closed = m.loss == "closed_book"
   k = config_lib.retrieved_k(m)
   length = int(m.context_max_length)
@@ -133,10 +139,40 @@ def batch_shapes(cfg, model: RagModel, mesh, rules) -> dict:
     spec["doc_scores"] = ((g, 1), jnp.float32)
   else:
     spec["passage_embeddings"] = ((g, k, model.query_cfg.output_dim), jnp.float32)
+    if m.get("retriever_in_batch_negatives", False):  # which passages are the same
+      spec["doc_ids"] = ((g, k), jnp.int32)
     if m.get("reencode_passages", False):  # REALM: the live passage encoder scores them
       lp = int(cfg.retriever.passage_max_length)
       spec["passage_input_ids"] = ((g, k, lp), jnp.int32)
       spec["passage_attention_mask"] = ((g, k, lp), jnp.int32)
+  return {name: jax.ShapeDtypeStruct(shape, dtype,
+                                     sharding=sh.batch_sharding(mesh, rules, len(shape)))
+          for name, (shape, dtype) in spec.items()}
+
+
+def dpr_live_passages(cfg) -> bool:
+  """Whether a DPR batch carries passage tokens (a trained passage encoder re-encodes the
+  positives and hard negatives) rather than the index's vectors."""
+  return "passage_encoder" not in config_lib.frozen_towers(cfg.optim)
+
+
+def _dpr_batch_shapes(cfg, model, mesh, rules) -> dict:
+  g, m = int(cfg.train.global_batch), cfg.model
+  n = int(m.dpr.hard_negatives)
+  lp, dim = int(cfg.retriever.passage_max_length), model.query_cfg.output_dim
+  spec = {"query_input_ids": ((g, int(m.query_max_length)), jnp.int32),
+          "query_attention_mask": ((g, int(m.query_max_length)), jnp.int32),
+          "positive_rows": ((g,), jnp.int32)}
+  if dpr_live_passages(cfg):
+    spec.update(positive_input_ids=((g, lp), jnp.int32),
+                positive_attention_mask=((g, lp), jnp.int32))
+    if n:
+      spec.update(passage_input_ids=((g, n, lp), jnp.int32),
+                  passage_attention_mask=((g, n, lp), jnp.int32))
+  else:
+    spec["positive_embeddings"] = ((g, dim), jnp.float32)
+    if n:
+      spec["passage_embeddings"] = ((g, n, dim), jnp.float32)
   return {name: jax.ShapeDtypeStruct(shape, dtype,
                                      sharding=sh.batch_sharding(mesh, rules, len(shape)))
           for name, (shape, dtype) in spec.items()}

@@ -1,0 +1,84 @@
+"""The model-objective checks of `ragjax.config.validate` (retriever losses, readers and their
+options, the retriever-only DPR job; each raises ConfigError naming the key) and the names and
+helpers they need, re-exported by `ragjax.config`."""
+from __future__ import annotations
+
+from ragjax.errors import ConfigError
+
+RETRIEVER_LOSSES = ("none", "pdist", "emdr2", "loop", "adist")
+READERS = ("rag", "fid")
+DPR_NEGATIVES = ("index", "bm25")  # where a DPR job mines its hard negatives
+
+
+def _choice(value, options, key: str) -> None:
+  if value not in options:
+    raise ConfigError(f"{key} {value!r}: expected one of {options}")
+
+
+def retrieved_k(m) -> int:
+  """Passages per example in a step batch: `model.retriever_k` (K_r) when set, else `model.k`
+  (1 for closed_book, which reads the question alone)."""
+  if m.loss == "closed_book":
+    return 1
+  return max(int(m.k), int(m.get("retriever_k", 0) or 0))
+
+
+def validate_dpr(m, frozen) -> None:
+  if m.loss != "dpr":
+    return
+  d = m.get("dpr", {})
+  _choice(d.get("negatives", "index"), DPR_NEGATIVES, "model.dpr.negatives")
+  if int(d.get("hard_negatives", 1)) < 0:
+    raise ConfigError(f"model.dpr.hard_negatives={d.get('hard_negatives')}: expected >= 0")
+  if "generator" not in frozen:
+    raise ConfigError("model.loss='dpr' trains the retriever alone: add 'generator' to "
+                      "optim.freeze (AdamW's weight decay would otherwise shrink it)")
+  if m.get("retriever_loss", "none") != "none" or m.get("reader", "rag") != "rag":
+    raise ConfigError("model.loss='dpr' has no reader: leave model.retriever_loss='none' and "
+                      "model.reader='rag'")
+  if {"query_encoder", "passage_encoder"} <= frozen:
+    raise ConfigError("model.loss='dpr' with both retriever towers in optim.freeze trains "
+                      "nothing")
+
+
+def validate_retriever_loss(m) -> None:
+  name = m.get("retriever_loss", "none")
+  reader = m.get("reader", "rag")
+  _choice(reader, READERS, "model.reader")
+  _choice(name, RETRIEVER_LOSSES, "model.retriever_loss")
+  if name == "adist" and reader != "fid":
+    raise ConfigError("model.retriever_loss='adist' distils the reader's cross-attention: it needs "
+                      "model.reader='fid' (one cross-attention over all K passages); the rag "
+                      "reader reads each passage apart. Use pdist, emdr2 or loop")
+  if reader == "fid" and m.loss in ("closed_book", "top1"):
+    raise ConfigError(f"model.reader='fid' with model.loss={m.loss!r}: the FiD reader reads all K "
+                      "passages with its own NLL; use loss rag_token or rag_sequence (ignored "
+                      "by FiD) or reader 'rag'")
+  k_r = int(m.get("retriever_k", 0) or 0)
+  if k_r:
+    if k_r < int(m.k):
+      raise ConfigError(f"model.retriever_k={k_r} < model.k={int(m.k)}: the retriever scores "
+                        "at least the passages the reader reads (0: the same K)")
+    if k_r > int(m.k) and name == "none":
+      raise ConfigError(f"model.retriever_k={k_r} > model.k={int(m.k)} needs a "
+                        "model.retriever_loss (pdist, emdr2, loop or adist): only it reads the "
+                        "extra passages")
+  if name != "none" and m.loss == "closed_book":
+    raise ConfigError("model.retriever_loss: closed_book retrieves nothing to train")
+  if m.get("retriever_in_batch_negatives", False) and (
+      name not in ("pdist", "emdr2", "adist") or m.get("retriever_null_baseline")):
+    raise ConfigError("model.retriever_in_batch_negatives extends a pdist, emdr2 or adist "
+                      "objective: set model.retriever_loss accordingly (without "
+                      "retriever_null_baseline)")
+  if m.get("retriever_null_baseline", False) and name == "none":
+    raise ConfigError("model.retriever_null_baseline baselines a retriever objective: set "
+                      "model.retriever_loss to pdist, emdr2, loop or adist")
+  ev = m.get("target_evidence", "likelihood")
+  _choice(ev, ("likelihood", "contrastive", "random"), "model.target_evidence")
+  if ev != "likelihood" and (name == "none" or reader == "fid"):
+    raise ConfigError(f"model.target_evidence={ev!r} changes the target of a retriever "
+                      "objective of the rag reader: set model.retriever_loss to pdist, emdr2 or "
+                      "loop and model.reader='rag'")
+  for key in ("retriever_temperature", "target_temperature"):
+    if not float(m.get(key, 1.0)) > 0:
+      raise ConfigError(f"model.{key}={m.get(key)}: expected a positive number")
