@@ -297,6 +297,12 @@ def frozen_towers(o) -> frozenset:
   return towers(o.freeze, "optim.freeze")
 
 
+def dpr_live_passages(cfg) -> bool:
+  """Whether a DPR job re-encodes its positives and hard negatives with a trained passage
+  encoder (batch tokens) rather than reading the index's vectors (a frozen one)."""
+  return "passage_encoder" not in frozen_towers(cfg.optim)
+
+
 def passage_encoder_start(cfg) -> int:
   """`optim.start_steps.passage_encoder`: checkpoints up to this step hold the initial passage
   encoder, so there is nothing to re-embed before it."""

@@ -116,8 +116,8 @@ def _kl_loss(scores_bk, target_bk, target_name, retriever_temperature, target_te
   if null_baseline:
     null_bk = _shift_mean(lambda t: jax.nn.softmax(jnp.where(use_bk, t, -jnp.inf), axis=-1),
                           t_bk)
-    loss_bk = _null_baselined_bk(p_tgt_bk, null_bk, logp_retr_bk, use_bk)
-    return reduce_loss(jnp.where(row_ok_b, jnp.sum(loss_bk, axis=-1), 0.0), reduce, loss_bk.size)
+    loss_b = null_baselined(p_tgt_bk, null_bk, logp_retr_bk)
+    return reduce_loss(jnp.where(row_ok_b, loss_b, 0.0), reduce, p_tgt_bk.size)
   pos_bk = p_tgt_bk > 0                    # 0 * log 0 = 0 (torch's xlogy); no inf - inf
   kl_bk = p_tgt_bk * (jnp.where(pos_bk, logp_tgt_bk, 0.0) - jnp.where(pos_bk, logp_retr_bk, 0.0))
   kl_b = jnp.where(row_ok_b, jnp.sum(kl_bk, axis=-1), 0.0)
@@ -132,12 +132,6 @@ def _shift_mean(target_fn, evidence_bk):
   k = evidence_bk.shape[1]
   shifted = [target_fn(jnp.roll(evidence_bk, j, axis=1)) for j in range(k)]
   return jax.lax.stop_gradient(sum(shifted) / k)
-
-
-def _null_baselined_bk(target_bk, null_bk, logp_retr_bk, use_bk):
-  """Per-slot -(t_k - b_k) log p_retr(k) (see `null_baselined`): `[B, K]` float32, 0 on unused
-  slots."""
-  return jnp.where(use_bk, -(target_bk - null_bk) * jnp.where(use_bk, logp_retr_bk, 0.0), 0.0)
 
 
 def null_baselined(target_bk: jax.Array, null_bk: jax.Array, log_prior_bk: jax.Array) -> jax.Array:
@@ -163,8 +157,8 @@ def null_baselined(target_bk: jax.Array, null_bk: jax.Array, log_prior_bk: jax.A
   so b is exact in expectation only for rows without padding. Not in Atlas (an addition).
   """
   use_bk = jnp.isfinite(log_prior_bk)
-  return jnp.sum(_null_baselined_bk(jax.lax.stop_gradient(target_bk),
-                                    jax.lax.stop_gradient(null_bk), log_prior_bk, use_bk), -1)
+  diff_bk = jax.lax.stop_gradient(target_bk) - jax.lax.stop_gradient(null_bk)
+  return jnp.sum(jnp.where(use_bk, -diff_bk * jnp.where(use_bk, log_prior_bk, 0.0), 0.0), -1)
 
 
 # ---------------------------------------------------------------------------- Atlas: ADist
@@ -399,8 +393,8 @@ def emdr_loss(scores_bk: jax.Array, seq_logprob_bk: jax.Array, *,
   if null_baseline:
     prior_bk = jax.lax.stop_gradient(logp_retr_bk)
     post = lambda e_bk: jax.nn.softmax(jnp.where(use_bk, prior_bk + e_bk, -jnp.inf), axis=-1)
-    loss_bk = _null_baselined_bk(post(lp_bk), _shift_mean(post, lp_bk), logp_retr_bk, use_bk)
-    return reduce_loss(jnp.where(row_ok_b, jnp.sum(loss_bk, axis=-1), 0.0), reduce)
+    loss_b = null_baselined(post(lp_bk), _shift_mean(post, lp_bk), logp_retr_bk)
+    return reduce_loss(jnp.where(row_ok_b, loss_b, 0.0), reduce)
   loss_b = jnp.where(row_ok_b, -jax.nn.logsumexp(joint_bk, axis=-1), 0.0)
   return reduce_loss(loss_b, reduce)
 

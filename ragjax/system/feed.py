@@ -237,7 +237,6 @@ class Feeder:
     gold = [[row_of[g] for g in q.gold_passage_ids if g in row_of] for q in questions_local]
     pos = np.array([g[0] for g in gold], np.int64)
     out["positive_rows"] = put(pos.astype(np.int32))
-    rows = [pos[:, None]]
     if n:
       depth = n + max(len(g) for g in gold)
       if d.negatives == "bm25":
@@ -245,18 +244,16 @@ class Feeder:
       else:
         cand = self.top_rows(params, out, depth)[self.local_rows(len(pos) * jax.process_count())]
       neg = np.array([[r for r in c if r not in g][:n] for c, g in zip(cand, gold)], np.int64)
-      rows.append(neg)
       out["doc_ids"] = put(neg.astype(np.int32))
-    live = "passage_encoder" not in config_lib.frozen_towers(self.system.cfg.optim)
-    names = [("positive_input_ids", "positive_attention_mask", "positive_embeddings"),
-             ("passage_input_ids", "passage_attention_mask", "passage_embeddings")]
-    p_ids, p_mask = self.passage_token_table() if live else (None, None)
-    for (ids_key, mask_key, emb_key), r in zip(names, rows):
-      r = r[:, 0] if ids_key.startswith("positive") else r
-      if live:
-        out.update({ids_key: put(p_ids[r]), mask_key: put(p_mask[r])})
-      else:
-        out[emb_key] = self._corpus_rows(r)
+    if config_lib.dpr_live_passages(self.system.cfg):
+      p_ids, p_mask = self.passage_token_table()
+      out.update(positive_input_ids=put(p_ids[pos]), positive_attention_mask=put(p_mask[pos]))
+      if n:
+        out.update(passage_input_ids=put(p_ids[neg]), passage_attention_mask=put(p_mask[neg]))
+    else:
+      out["positive_embeddings"] = self._corpus_rows(pos)
+      if n:
+        out["passage_embeddings"] = self._corpus_rows(neg)
     return out
 
   def _rows(self) -> dict:

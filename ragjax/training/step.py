@@ -150,12 +150,6 @@ def batch_shapes(cfg, model: RagModel, mesh, rules) -> dict:
           for name, (shape, dtype) in spec.items()}
 
 
-def dpr_live_passages(cfg) -> bool:
-  """Whether a DPR batch carries passage tokens (a trained passage encoder re-encodes the
-  positives and hard negatives) rather than the index's vectors."""
-  return "passage_encoder" not in config_lib.frozen_towers(cfg.optim)
-
-
 def _dpr_batch_shapes(cfg, model, mesh, rules) -> dict:
   g, m = int(cfg.train.global_batch), cfg.model
   n = int(m.dpr.hard_negatives)
@@ -163,7 +157,7 @@ def _dpr_batch_shapes(cfg, model, mesh, rules) -> dict:
   spec = {"query_input_ids": ((g, int(m.query_max_length)), jnp.int32),
           "query_attention_mask": ((g, int(m.query_max_length)), jnp.int32),
           "positive_rows": ((g,), jnp.int32)}
-  if dpr_live_passages(cfg):
+  if config_lib.dpr_live_passages(cfg):
     spec.update(positive_input_ids=((g, lp), jnp.int32),
                 positive_attention_mask=((g, lp), jnp.int32))
     if n:
