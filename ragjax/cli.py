@@ -9,6 +9,8 @@
   ragjax train --config experiments/bios.py[:arg] --workdir runs/bios [--config.key=value ...]
   ragjax eval --workdir runs/bios                          # newest checkpoint: EM, F1, recall@k
   ragjax generate --workdir runs/bios "Where was Amara Costa born?"
+  ragjax export --workdir runs/bios --out bundles/bios [--format hf]   # serving bundle / HF dirs
+  ragjax serve bundles/bios --port 8000 [--follow runs/bios]          # HTTP: /v1/answer, ...
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import time
 import traceback
 
 from ragjax.errors import RagjaxError, UsageError
+from ragjax.serving import commands as serving_commands  # imports its libraries on use
 
 
 def _ks(text: str) -> list[int]:
@@ -268,6 +271,11 @@ def cmd_eval(args):
 
 
 def cmd_generate(args):
+  if (args.workdir is None) == (args.bundle is None):
+    raise UsageError("ragjax generate: give one of --workdir W or --bundle B")
+  if args.bundle is not None:
+    _setup_logging()
+    return serving_commands.generate(args)
   import jax
   import numpy as np
   from ragjax.data.qa import Question
@@ -405,9 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-questions", type=int, default=0)
   distributed_args(p)
 
-  p = add("generate", cmd_generate, "answer a question with the newest checkpoint")
+  p = add("generate", cmd_generate, "answer a question with a workdir's newest checkpoint or "
+          "a serving bundle")
   p.add_argument("question")
-  p.add_argument("--workdir", required=True)
+  p.add_argument("--workdir", default=None)
+  p.add_argument("--bundle", default=None, help="a bundle from `ragjax export`")
   p.add_argument("--json", action="store_true")
   distributed_args(p)
 
@@ -427,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--topology", required=True, help="e.g. v5e:4x4, v4:2x2x2, v5p:2x2x2")
   p.add_argument("--chip", default=None, help="libtpu chip config: megacore or default")
   p.add_argument("--out", help="write the JSON report here")
+
+  serving_commands.add_parsers(add, _ks, _setup_logging)
 
   p = add("store", cmd_store, "write a corpus or question file to a TFDS array_record dataset "
           "(streams; read back by every command that takes --corpus)")

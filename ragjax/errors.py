@@ -46,6 +46,15 @@ class CheckpointError(RagjaxError, ValueError):
   """A checkpoint that cannot be restored into this run (incompatible config or shapes)."""
 
 
+class ExportError(RagjaxError, ValueError):
+  """A model that cannot be exported (no HF class computes it, an unmapped parameter)."""
+
+
+class BundleError(RagjaxError, ValueError):
+  """A serving bundle that is incomplete, corrupt (a file's sha256 disagrees with the manifest)
+  or of another format version."""
+
+
 class NotFoundError(RagjaxError, FileNotFoundError):
   """A file or directory the command needs is absent (no checkpoint to evaluate, ...)."""
 

@@ -29,9 +29,10 @@ def stub(directory: pathlib.Path, name: str, body: str) -> pathlib.Path:
 
 def test_the_expected_scripts_exist():
   names = {p.relative_to(LAUNCH).as_posix() for p in LAUNCH.rglob("*") if p.is_file()}
-  assert {"local.sh", "tpu_vm.sh", "slurm.sbatch", "gke/jobset.yaml", "README.md"} <= names
+  assert {"local.sh", "tpu_vm.sh", "slurm.sbatch", "gke/jobset.yaml", "gke/serve.yaml",
+          "README.md"} <= names
   readme = (LAUNCH / "README.md").read_text()
-  for name in ("local.sh", "tpu_vm.sh", "slurm.sbatch", "jobset.yaml"):
+  for name in ("local.sh", "tpu_vm.sh", "slurm.sbatch", "jobset.yaml", "serve.yaml"):
     assert name in readme
 
 
@@ -71,6 +72,28 @@ def test_yaml_parses_and_the_jobset_trains_distributed():
   command = " ".join(container["command"] + container["args"])
   assert "ragjax train" in command and "--distributed" in command
   assert "google.com/tpu" in container["resources"]["limits"]
+
+
+def test_serving_deployment_probes_health_and_the_image_serves_the_bundle():
+  yaml = pytest.importorskip("yaml")
+  deployment, service = yaml.safe_load_all((LAUNCH / "gke" / "serve.yaml").read_text())
+  assert (deployment["kind"], service["kind"]) == ("Deployment", "Service")
+  pod = deployment["spec"]["template"]["spec"]
+  (container,) = pod["containers"]
+  for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+    assert container[probe]["httpGet"] == {"path": "/v1/health", "port": "http"}
+  assert container["ports"][0] == {"name": "http", "containerPort": 8000}
+  assert {"name": "bundle", "mountPath": "/bundle", "readOnly": True} in container["volumeMounts"]
+  assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+  assert service["spec"]["ports"][0]["targetPort"] == "http"
+  assert pod["terminationGracePeriodSeconds"] > 30  # uvicorn drains for up to 30 s
+  docker = (LAUNCH / "gke" / "Dockerfile").read_text()
+  assert "AS train" in docker and "AS serve" in docker
+  assert '"ragjax", "serve", "/bundle", "--host", "0.0.0.0", "--port", "8000"' in docker
+  from ragjax.cli import build_parser  # the image's arguments parse
+  args = build_parser().parse_args(["serve", "/bundle", "--host", "0.0.0.0", "--port", "8000",
+                                    *container["args"]])
+  assert args.buckets == [1, 2, 4, 8] and args.max_queue == 256
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "ragjax"
 # Highest first; a module may import its own layer and the layers below it, never above.
 LAYERS = (
     ("cli", {"cli"}),
-    ("training", {"training"}),
+    ("training / serving", {"training", "serving"}),
     ("joint", {"joint"}),
     ("evaluation", {"evaluation"}),
     ("system", {"system"}),

@@ -1,0 +1,1 @@
+"""Export and serving: HF directories, serving bundles, the HTTP server."""
