@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import httpx
 import jax
@@ -19,7 +20,7 @@ import pytest
 
 from ragjax import config as config_lib
 from ragjax.cli import main
-from ragjax.errors import BundleError
+from ragjax.errors import BundleError, UsageError
 from ragjax.evaluation.evaluate import decode_batch, gather
 from ragjax.joint import versions
 from ragjax.models.rag import RagModel
@@ -49,7 +50,8 @@ def bundle_dir(trained, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(bundle_dir):
-  return Engine(bundle_lib.load_bundle(bundle_dir), buckets=(1, 4))
+  return Engine(bundle_lib.load_bundle(bundle_dir), buckets=(1, 4),
+                decodings=("rag_token", "rag_sequence_fast"))
 
 
 def test_bundle_manifest_hashes_and_atomic_publish(bundle_dir, trained, tmp_path, monkeypatch):
@@ -113,6 +115,14 @@ def test_engine_decodes_as_the_training_code(trained, engine, capsys):
   np.testing.assert_array_equal(alone[0][0], e_seqs[2])
   np.testing.assert_array_equal(alone[1][0], e_rows[2])
   np.testing.assert_allclose(alone[3][0], e_prior[2], atol=1e-5)
+  # Another compiled decoding, chosen per call, decodes as evaluation does with that decoding.
+  fast = types.SimpleNamespace(decoding="rag_sequence_fast", num_beams=cfg.eval.num_beams,
+                               max_new_tokens=cfg.eval.max_new_tokens)
+  f_seqs, _ = decode_batch(run.feeder, state.params, batch, fast)
+  np.testing.assert_array_equal(engine.decode([q.question for q in qs], "rag_sequence_fast")[0],
+                                f_seqs)
+  with pytest.raises(UsageError, match="--decodings 'sampling'"):
+    Engine(engine.bundle, buckets=(1,), decodings=("sampling",))
   # `ragjax generate --bundle` prints the engine's answer and passages.
   capsys.readouterr()
   assert main(["generate", "--bundle", str(engine.bundle.path), "--json", qs[0].question]) == 0
@@ -172,7 +182,8 @@ def server(bundle_dir, tmp_path_factory):
   proc = subprocess.Popen(
       [sys.executable, "-m", "ragjax.cli", "serve", str(bundle_dir), "--host", "127.0.0.1",
        "--port", str(port), "--buckets", "1,4", "--max-queue", "4", "--max-wait-ms", "20",
-       "--follow", str(follow), "--follow-seconds", "0.3"],
+       "--follow", str(follow), "--follow-seconds", "0.3",
+       "--decodings", "rag_token,rag_sequence_fast"],
       stdout=log, stderr=subprocess.STDOUT, env=env)
   url = f"http://127.0.0.1:{port}"
   deadline = time.monotonic() + 240
@@ -216,6 +227,10 @@ def test_server_routes_match_the_engine(server, engine):
                       timeout=30).json()
   np.testing.assert_allclose(scored["logprobs"], engine.score(qs[0], ["tbilisi", "x"]),
                              atol=1e-4)
+  fast = httpx.post(f"{url}/v1/answer", json={"question": qs, "decoding": "rag_sequence_fast"},
+                    timeout=30).json()
+  assert [f["answer"] for f in fast] == [
+      r["answer"] for r in engine.answer(qs, decoding="rag_sequence_fast")]
   info = httpx.get(f"{url}/v1/info", timeout=10).json()
   assert info["manifest"]["checkpoint_step"] == 2 and info["buckets"] == [1, 4]
   # A reload re-reads and re-warms the bundle while requests go on.

@@ -26,6 +26,9 @@ def add_parsers(add, ks, setup_logging) -> None:
   p.add_argument("--max-wait-ms", type=float, default=5.0,
                  help="how long a batch waits for more requests")
   p.add_argument("--max-queue", type=int, default=256, help="queued requests before 429")
+  p.add_argument("--decodings", default=None, type=lambda v: tuple(v.split(",")),
+                 help="decodings a request may choose, each compiled for every bucket, e.g. "
+                      "rag_token,rag_sequence_fast (default: the bundle's eval.decoding)")
 
 
 def export(args):
@@ -44,7 +47,8 @@ def serve(args):
   from ragjax.serving import server
   return server.serve(args.bundle, args.host, args.port, follow=args.follow,
                       buckets=args.buckets, max_wait_ms=args.max_wait_ms,
-                      max_queue=args.max_queue, follow_every_s=args.follow_seconds)
+                      max_queue=args.max_queue, follow_every_s=args.follow_seconds,
+                      decodings=args.decodings)
 
 
 def generate(args):

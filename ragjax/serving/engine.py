@@ -16,14 +16,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ragjax import config as config_lib
+from ragjax.config import DECODINGS
 from ragjax import sharding as sh
 from ragjax.data.qa import Question
+from ragjax.errors import UsageError
 from ragjax.evaluation.evaluate import decode_batch, gather
 from ragjax.models.fid import fid_logits
 from ragjax.models.rag import RagModel
@@ -58,10 +61,15 @@ class Engine:
     max_retrieve_k: the deepest /v1/retrieve search (compiled once; default min(100, N)).
     max_answers: answers per /v1/score request.
     max_question_chars: longest question accepted.
+    decodings: the decodings a request may choose (each is compiled for every bucket; default
+      the bundle's `eval.decoding`). A FiD, closed-book or top-1 bundle decodes one way only.
+
+  Raises:
+    UsageError: a decoding not in `ragjax.config.DECODINGS`, or one this reader cannot use.
   """
 
   def __init__(self, bundle: Bundle, *, buckets=DEFAULT_BUCKETS, max_retrieve_k: int = 100,
-               max_answers: int = 16, max_question_chars: int = 1000):
+               max_answers: int = 16, max_question_chars: int = 1000, decodings=None):
     self.bundle = bundle
     self.system = system = bundle.system
     self.cfg = cfg = bundle.cfg
@@ -74,11 +82,21 @@ class Engine:
     self.params = jax_params(bundle.params)
     self.index_version = bundle.index_version
     n = len(system.passages)
+    decodings = tuple(decodings or (str(cfg.eval.decoding),))
+    for d in decodings:
+      if d not in DECODINGS:
+        raise UsageError(f"--decodings {d!r}: expected one of {DECODINGS}")
+    one_way = (cfg.model.get("reader", "rag") == "fid" or system.closed_book
+               or cfg.model.loss == "top1")
+    if one_way and decodings != (str(cfg.eval.decoding),):
+      raise UsageError(f"--decodings {','.join(decodings)}: this bundle (reader "
+                       f"{cfg.model.get('reader', 'rag')}, loss {cfg.model.loss}) decodes only "
+                       f"{cfg.eval.decoding!r}")
     self.limits = Limits(
         max_batch=self.buckets[-1], max_retrieve_k=0 if system.closed_book else
         min(int(max_retrieve_k), n), max_answers=int(max_answers),
         max_new_tokens=int(cfg.eval.max_new_tokens), max_question_chars=int(max_question_chars),
-        retrieved_k=0 if system.closed_book else system.k, decodings=(str(cfg.eval.decoding),))
+        retrieved_k=0 if system.closed_book else system.k, decodings=decodings)
     self._embeddings = None
     self.set_index(bundle.embeddings, bundle.index_version,
                    None if kind == "device" else bundle.index)
@@ -115,12 +133,19 @@ class Engine:
 
   # ------------------------------------------------------------------------------- requests
 
-  def decode(self, questions: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  def decode(self, questions: list[str], decoding: str | None = None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """`(generated ids [n, 1 + max_new_tokens], retrieved rows [n, K_r], doc scores [n, K_r]
-    float32, log prior over the reader's K [n, k])` of n questions, one bucket-sized batch."""
+    float32, log prior over the reader's K [n, k])` of n questions, one bucket-sized batch,
+    decoded by `decoding` (one of `limits.decodings`; default the first)."""
+    decoding = decoding or self.limits.decodings[0]
+    if decoding not in self.limits.decodings:
+      raise ValueError(f"decoding {decoding!r}: this engine decodes {list(self.limits.decodings)}")
     qs = [Question(f"q{i}", q, ()) for i, q in enumerate(questions)]
     batch, n = self._batch(qs)
-    seqs, scores = decode_batch(self.feeder, self.params, batch, self.cfg.eval)
+    ecfg = types.SimpleNamespace(decoding=decoding, num_beams=int(self.cfg.eval.num_beams),
+                                 max_new_tokens=int(self.cfg.eval.max_new_tokens))
+    seqs, scores = decode_batch(self.feeder, self.params, batch, ecfg)
     rows = gather(batch["doc_ids"])
     if self.system.closed_book:
       doc_scores = np.zeros(rows.shape, np.float32)
@@ -133,12 +158,12 @@ class Engine:
     return seqs[:n], rows[:n], doc_scores[:n], log_prior[:n]
 
   def answer(self, questions: list[str], k: int | None = None,
-             max_new_tokens: int | None = None) -> list[dict]:
+             max_new_tokens: int | None = None, decoding: str | None = None) -> list[dict]:
     """An answer per question and its retrieved passages (the first `k` of K_r, default all),
     each with `score` (doc score, q·d x doc_score_scale) and `prior` (p(z|x) over the reader's
     K; absent past it). `max_new_tokens` at most the compiled `eval.max_new_tokens` (the
-    greedy / beam output is cut there)."""
-    seqs, rows, doc_scores, log_prior = self.decode(questions)
+    greedy / beam output is cut there); `decoding` one of `limits.decodings`."""
+    seqs, rows, doc_scores, log_prior = self.decode(questions, decoding)
     limit = 1 + int(max_new_tokens if max_new_tokens is not None else self.limits.max_new_tokens)
     out = []
     for i in range(len(questions)):
@@ -231,7 +256,8 @@ class Engine:
     """Compile every bucket of every request kind; returns the seconds it took."""
     t0 = time.perf_counter()
     for b in self.buckets:
-      self.answer(["warm up"] * b)
+      for d in self.limits.decodings:
+        self.answer(["warm up"] * b, decoding=d)
       if self.limits.max_retrieve_k:
         self.retrieve(["warm up"] * b, 1)
     for b in self.buckets:  # score batches of every size (a request's answers fill one)

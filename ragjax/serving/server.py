@@ -74,8 +74,9 @@ class ServerState:
 
   def __init__(self, bundle_path, *, buckets=DEFAULT_BUCKETS, max_wait_ms: float = 5.0,
                max_queue: int = 256, follow=None, follow_every_s: float = 2.0,
-               registry: prom.CollectorRegistry | None = None):
+               registry: prom.CollectorRegistry | None = None, decodings=None):
     self.bundle_path = pathlib.Path(bundle_path)
+    self.decodings = tuple(decodings) if decodings else None
     self.buckets, self.max_wait_s, self.max_queue = tuple(buckets), max_wait_ms / 1e3, max_queue
     self.registry = registry or prom.CollectorRegistry()
     r = self.registry
@@ -102,7 +103,7 @@ class ServerState:
     self.ready = True
 
   def _engine(self, path) -> Engine:
-    engine = Engine(load_bundle(path), buckets=self.buckets)
+    engine = Engine(load_bundle(path), buckets=self.buckets, decodings=self.decodings)
     engine.warm()
     return engine
 
@@ -224,7 +225,8 @@ def make_app(state: ServerState) -> FastAPI:
                                f"{lim.max_new_tokens}")
     if req.k is not None and req.k > lim.retrieved_k:
       raise HTTPException(422, f"k: {req.k}; the bundle retrieves {lim.retrieved_k} passages")
-    out = await run("answer", qs, (("k", req.k), ("max_new_tokens", req.max_new_tokens)))
+    out = await run("answer", qs, (("k", req.k), ("max_new_tokens", req.max_new_tokens),
+                                   ("decoding", req.decoding)))
     return out[0] if isinstance(req.question, str) else out
 
   @app.post("/v1/retrieve")
@@ -297,11 +299,12 @@ def _uvicorn_server(config):
 
 def serve(bundle, host: str = "127.0.0.1", port: int = 8000, *, follow=None,
           buckets=DEFAULT_BUCKETS, max_wait_ms: float = 5.0, max_queue: int = 256,
-          follow_every_s: float = 2.0) -> int:
-  """Load, warm and serve a bundle until SIGTERM / SIGINT (returns 0 after the drain)."""
+          follow_every_s: float = 2.0, decodings=None) -> int:
+  """Load, warm and serve a bundle until SIGTERM / SIGINT (returns 0 after the drain).
+  `decodings`: what a request's "decoding" may name (default the bundle's `eval.decoding`)."""
   import uvicorn
   state = ServerState(bundle, buckets=buckets, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                      follow=follow, follow_every_s=follow_every_s)
+                      follow=follow, follow_every_s=follow_every_s, decodings=decodings)
 
   def on_hup(*_):
     threading.Thread(target=state.reload_logged, daemon=True, name="ragjax-reload").start()
