@@ -8,7 +8,10 @@ Retrieval: MiniLM bi-encoder, exact top-k on the device, K = 2, doc scores = 20 
   ragjax train --config experiments/bios.py --workdir runs/bios
   measured (2-core CPU, 2026-11-21): 18 min 37 s; exact match 0.940, F1 0.945, answer recall@1/@2
   0.946/0.990 on 500 held-out questions (EM 0.028/0.192/0.548/0.748/0.942 at steps
-  500/1000/1500/2000/2500).
+  500/1000/1500/2000/2500); on a 2-core Intel Xeon (AVX-512, 2026-12-02), with the same code
+  (bit-identical losses from that commit and from this one): 33 min 40 s, EM 0.760, F1 0.888
+  (EM 0.028/0.396/0.392/0.546/0.746 at steps 500-2500): the aim, EM >= 0.8 in 20 min, depends on
+  the host.
 
 The query encoder is frozen here unless `train_retriever` is given (it then trains from
 `start_steps.query_encoder`, default 1,000). Why, measured (2-core AMD EPYC, AVX2, 2026-12-01;
