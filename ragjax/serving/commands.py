@@ -6,14 +6,16 @@ import json
 def add_parsers(add, ks, setup_logging) -> None:
   """Register `export` and `serve` with `ragjax.cli`'s `add(name, fn, help)`; `ks` parses a
   comma-separated list of ints; `setup_logging()` runs before either command."""
-  p = add("export", lambda args: (setup_logging(), export(args))[1], "export a checkpoint: a serving bundle (default) or "
+  def logged(fn):
+    return lambda args: (setup_logging(), fn(args))[1]
+  p = add("export", logged(export), "export a checkpoint: a serving bundle (default) or "
           "HuggingFace directories (--format hf)")
   p.add_argument("--workdir", required=True)
   p.add_argument("--out", required=True)
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
   p.add_argument("--format", choices=("bundle", "hf"), default="bundle")
 
-  p = add("serve", lambda args: (setup_logging(), serve(args))[1], "serve a bundle over HTTP (FastAPI + uvicorn; /v1/answer, "
+  p = add("serve", logged(serve), "serve a bundle over HTTP (FastAPI + uvicorn; /v1/answer, "
           "/v1/retrieve, /v1/score, /v1/health, /metrics)")
   p.add_argument("bundle")
   p.add_argument("--host", default="127.0.0.1")

@@ -30,7 +30,8 @@ from ragjax.errors import UsageError
 from ragjax.evaluation.evaluate import decode_batch, gather
 from ragjax.models.fid import fid_logits
 from ragjax.models.rag import RagModel
-from ragjax.objectives.rag_losses import marginal_answer_logprob, shift_targets
+from ragjax.objectives.rag_losses import (marginal_answer_logprob, sequence_logprob,
+                                          shift_targets)
 from ragjax.serving.bundle import Bundle, jax_params
 from ragjax.system import feed
 
@@ -189,11 +190,7 @@ class Engine:
     qs = [Question(f"q{i}", q, ()) for i, q in enumerate(questions)]
     n = len(qs)
     padded = qs + [qs[0]] * (self.bucket(n) - n)
-    host = self.system.question_batch(padded)
-    put = self.feeder._put
-    batch = {"query_input_ids": put(host["query_input_ids"]),
-             "query_attention_mask": put(host["query_attention_mask"])}
-    self.feeder._questions = padded
+    batch = self.feeder.query_batch(padded)
     rows = self.feeder.top_rows(self.params, batch, self.limits.max_retrieve_k)[:, :k]
     scores = self._doc_scores(batch, rows)
     out = []
@@ -224,9 +221,7 @@ class Engine:
                                    method=RagModel.retrieve_scores)
         if reader == "fid" and not system.closed_book:
           logits = model.apply({"params": params}, ids, mask, labels, method=fid_logits)
-          logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-          tok = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-          return jnp.sum(jnp.where(tmask != 0, tok, 0.0), axis=-1)
+          return sequence_logprob(logits[:, None], targets, tmask)[:, 0]
         logits = model.apply({"params": params}, ids, mask, labels,
                              method=RagModel.generator_logits)
         stats = marginal_answer_logprob(logits, doc_scores, targets, tmask)

@@ -203,9 +203,7 @@ class Feeder:
       return self.dpr_batch(params, questions_local)
     host = self.system.question_batch(questions_local)
     put = self._put
-    out = {"query_input_ids": put(host["query_input_ids"]),
-           "query_attention_mask": put(host["query_attention_mask"]),
-           "labels": put(host["labels"])}
+    out = dict(self._query_arrays(host, questions_local), labels=put(host["labels"]))
     if self.system.closed_book:
       ids, mask = self.system.closed_book_contexts(host)
       out.update(context_input_ids=put(ids), context_attention_mask=put(mask),
@@ -216,9 +214,17 @@ class Feeder:
       raise RuntimeError("Feeder.batch: no corpus embeddings; call set_corpus first")
     if self.num_excluded:
       host["exclude_rows"] = self.exclusion_rows(questions_local)
-    self._questions = list(questions_local)  # the hybrid feeder's BM25 queries
     out.update(self._retrieve_batch(params, out, host))
     return out
+
+  def _query_arrays(self, host: dict, questions_local) -> dict:
+    self._questions = list(questions_local)  # the hybrid feeder's BM25 queries
+    return {"query_input_ids": self._put(host["query_input_ids"]),
+            "query_attention_mask": self._put(host["query_attention_mask"])}
+
+  def query_batch(self, questions_local) -> dict:
+    """Only the query tokens `[B, Lq]` int32 of `batch` (what `top_rows` reads)."""
+    return self._query_arrays(self.system.question_batch(questions_local), questions_local)
 
   def dpr_batch(self, params, questions_local) -> dict:
     """A DPR step batch (`ragjax.models.rag.dpr_loss`): query tokens, each question's first
