@@ -45,7 +45,8 @@ ROWS = ("closed_book", "frozen", "hybrid", "dpr", "query_ft", "joint", "pretrain
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, row="frozen", steps=1500, smoke=False, in_batch=False)
+  arg = config_lib.parse_arg(arg, row="frozen", steps=1500, smoke=False, in_batch=False,
+                             reader="")
   if arg.row not in ROWS:
     raise config_lib.ConfigError(f"experiments/bios_documents.py: row {arg.row!r}: expected one "
                                  f"of {ROWS}")
@@ -60,6 +61,9 @@ def get_config(arg=None):
   c.train.checkpoint_every = max(1, int(arg.steps) // 4)
   c.eval.recall_ks = (1, 2, 4, 50)
   c.optim.freeze = ("passage_encoder", "query_encoder")
+  if arg.reader:  # a generator that already reads (a workdir of experiments/bios.py)
+    c.init.from_workdir = arg.reader
+    c.init.towers = ("generator",)
   if arg.row == "closed_book":
     c.model.loss = "closed_book"
     c.model.reader = "rag"

@@ -10,8 +10,12 @@ Each step directory holds the state (`StandardSave`, restored straight into the 
 shardings of `abstract_state`, so a restore on another topology lands on the right layout) and a
 JSON item `meta` (step, config fingerprint, anything the trainer adds such as the index version).
 Orbax writes a step under a temporary name and renames it when complete, so a process killed
-mid-save leaves no step that `latest_step` reports. A checkpoint written by an incompatible
-config is refused with the keys that differ. This class is the one owner of the format: the
+mid-save leaves no step that `latest_step` reports. Once orbax has finalised a step, a checksum
+manifest (`<step>/ragjax.sha256.json`: size and sha256 of every file) is written beside it, so a
+later truncation or a same-size bit flip is caught: `restore_or` (the trainer's resume) moves a
+step that fails it, or that orbax cannot read, to `<step>.corrupt`, logs the file at fault and
+resumes from the newest intact step; `verify` (eval, export) refuses such a step in one line. A
+checkpoint written by an incompatible config is refused with the keys that differ. This class is the one owner of the format: the
 trainer writes through it, and the asynchronous indexer (another process) reads the steps, their
 metadata and one tower through a read-only instance.
 """
@@ -27,6 +31,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ragjax.errors import CheckpointError, NotFoundError
+from ragjax.fsutil import write_json_atomic
+
+CHECKSUMS = "ragjax.sha256.json"  # in each step directory, written after orbax finalises it
+log = logging.getLogger(__name__)
 
 
 def config_fingerprint(config: dict, keys=("model", "retriever", "generator")) -> dict:
@@ -44,10 +52,13 @@ class Checkpointer:
     self.directory = pathlib.Path(directory).resolve()
     self.fingerprint = config_fingerprint(config or {})
     self.read_only = read_only
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                           save_interval_steps=save_interval_steps,
-                                           enable_async_checkpointing=async_save,
-                                           create=not read_only, read_only=read_only)
+    self.async_save = async_save
+    self._unsealed: list[int] = []  # saved steps still without a checksum manifest
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+        enable_async_checkpointing=async_save, create=not read_only, read_only=read_only,
+        async_options=(ocp.AsyncOptions(post_finalization_callback=self._seal_pending)
+                       if async_save and not read_only else None))
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "meta"))
 
@@ -76,12 +87,71 @@ class Checkpointer:
       raise CheckpointError(f"{self.directory}: opened read-only (Checkpointer.reader); not saving")
     meta = {"step": int(step), "fingerprint": self.fingerprint["sha256"],
             "config": self.fingerprint["config"], **(meta or {})}
-    return self.manager.save(int(step), args=ocp.args.Composite(
+    saved = self.manager.save(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+    if saved:  # orbax has waited for the previous save to finish: seal it (and, sync, this)
+      self._unsealed.append(int(step))
+      self._seal_pending()
+    return saved
 
   def wait(self):
-    """Block until pending async saves are on disk."""
+    """Block until pending async saves are on disk (and their checksum manifests written)."""
     self.manager.wait_until_finished()
+    self._seal_pending(final=True)
+
+  def _seal_pending(self, final: bool = False) -> None:
+    """Write the checksum manifest of every step this process saved that orbax has finalised
+    (process 0; orbax's post-finalisation callback, which can run before the step's directory
+    has its final name, and `wait`, after which a step still absent was garbage-collected)."""
+    if jax.process_index() != 0:
+      self._unsealed = []
+      return
+    for step in list(self._unsealed):
+      d = self.directory / str(step)
+      if d.is_dir():
+        if not (d / CHECKSUMS).is_file():
+          write_json_atomic(d / CHECKSUMS, {"files": _file_digests(d)})
+        self._unsealed.remove(step)
+      elif final:
+        self._unsealed.remove(step)
+
+  def verify(self, step: int) -> None:
+    """Check step `step` against its checksum manifest (every file present, same size and
+    sha256). A step without one (written before it existed, or killed between orbax's
+    finalisation and the manifest) passes here; `restore_or` then relies on orbax's own read.
+
+    Raises: CheckpointError naming the file that is missing, of another size or content.
+    """
+    d = self.directory / str(int(step))
+    manifest = d / CHECKSUMS
+    if not manifest.is_file():
+      return
+    try:
+      want = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError) as e:
+      raise CheckpointError(f"{manifest}: unreadable checksum manifest ({e})") from None
+    for rel, (size, digest) in sorted(want.items()):
+      f = d / rel
+      if not f.is_file():
+        raise CheckpointError(f"checkpoint {d}: {rel} is missing")
+      if f.stat().st_size != size:
+        raise CheckpointError(f"checkpoint {d}: {rel} has {f.stat().st_size} bytes, expected "
+                              f"{size} (truncated?)")
+      if _sha256(f) != digest:
+        raise CheckpointError(f"checkpoint {d}: {rel}: sha256 differs from its checksum "
+                              "manifest (corrupt)")
+
+  def _set_aside(self, step: int, why: str) -> None:
+    d = self.directory / str(int(step))
+    dest = d.with_name(f"{step}.corrupt")
+    n = 1
+    while dest.exists():
+      dest, n = d.with_name(f"{step}.corrupt.{n}"), n + 1
+    log.error("checkpoint step %d is corrupt (%s): moved to %s; resuming from the newest "
+              "intact step", step, why, dest)
+    if jax.process_index() == 0:
+      d.rename(dest)
+    self.manager.reload()
 
   def metadata(self, step: int) -> dict:
     """The JSON meta saved with `step` (step, config fingerprint, index version, ...)."""
@@ -127,11 +197,7 @@ class Checkpointer:
       CheckpointError: the checkpoint's config differs in shape-defining keys.
     """
     meta = self.metadata(step)
-    if meta.get("fingerprint") != self.fingerprint["sha256"]:
-      ours, theirs = self.fingerprint["config"], meta.get("config", {})
-      diff = _diff(theirs, ours)
-      raise CheckpointError(f"{self.directory / str(step)}: written by an incompatible config; "
-                            f"differs at {diff[:10]}")
+    self._check_fingerprint(step, meta)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state)))
@@ -140,20 +206,70 @@ class Checkpointer:
                             f"run's state: {e}") from e
     return restored["state"], meta
 
+  def _check_fingerprint(self, step: int, meta: dict) -> None:
+    if meta.get("fingerprint") != self.fingerprint["sha256"]:
+      ours, theirs = self.fingerprint["config"], meta.get("config", {})
+      diff = _diff(theirs, ours)
+      raise CheckpointError(f"{self.directory / str(step)}: written by an incompatible config; "
+                            f"differs at {diff[:10]}")
+
   def restore_or(self, init_fn, abstract_state):
-    """Restore the newest checkpoint, or call `init_fn()` when there is none.
+    """Restore the newest intact checkpoint, or call `init_fn()` when there is none. A step that
+    fails `verify`, or that orbax cannot read, is moved to `<step>.corrupt` (logged, naming the
+    file or orbax's error) and the next newest is tried.
 
     Returns `(state, meta or None)`.
+    Raises: CheckpointError when a checkpoint was written by an incompatible config.
     """
-    step = self.latest_step()
-    if step is None:
-      return init_fn(), None
-    return self.restore(step, abstract_state)
+    while (step := self.latest_step()) is not None:
+      try:
+        self.verify(step)
+      except CheckpointError as e:
+        self._set_aside(step, str(e))
+        continue
+      # A step that passed its checksums is intact: an error reading it is not corruption and
+      # is raised. One without checksums (killed before they were written) that orbax cannot
+      # read is set aside.
+      sealed = (self.directory / str(step) / CHECKSUMS).is_file()
+      try:
+        meta = self.metadata(step)
+      except Exception as e:  # noqa: BLE001 (orbax: a truncated or garbled meta item)
+        if sealed:
+          raise
+        self._set_aside(step, f"orbax could not read its meta: {_first_line(e)}")
+        continue
+      self._check_fingerprint(step, meta)
+      try:
+        return self.restore(step, abstract_state)
+      except Exception as e:  # noqa: BLE001 (orbax/tensorstore: a truncated or garbled file)
+        if sealed:
+          raise
+        self._set_aside(step, f"orbax could not read it: {_first_line(e)}")
+    return init_fn(), None
 
   def close(self):
     if not self.read_only:
-      self.manager.wait_until_finished()
+      self.wait()
     self.manager.close()
+
+
+def _first_line(e: Exception) -> str:
+  text = str(e).strip()
+  return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
+def _sha256(path: pathlib.Path) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 22):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def _file_digests(d: pathlib.Path) -> dict:
+  """`{relative path: [size, sha256]}` of every file under step directory `d`."""
+  return {str(f.relative_to(d)): [f.stat().st_size, _sha256(f)]
+          for f in sorted(d.rglob("*")) if f.is_file() and f.name != CHECKSUMS}
 
 
 def _diff(a, b, prefix=""):

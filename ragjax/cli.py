@@ -20,11 +20,12 @@ import math
 import os
 import pathlib
 import sys
-import time
 import traceback
 
 from ragjax.errors import RagjaxError, UsageError
-from ragjax.serving import commands as serving_commands  # imports its libraries on use
+from ragjax.fsutil import check_writable
+from ragjax.retrieval import commands as retrieval_commands  # imports its libraries on use
+from ragjax.serving import commands as serving_commands
 
 
 def _ks(text: str) -> list[int]:
@@ -37,42 +38,13 @@ def _ks(text: str) -> list[int]:
   return ks
 
 
-def _params(pairs: list[str]) -> dict:
-  out = {}
-  for pair in pairs or []:
-    key, sep, value = pair.partition("=")
-    if not sep:
-      raise UsageError(f"--param {pair!r}: expected key=value")
-    try:
-      out[key] = json.loads(value)
-    except json.JSONDecodeError:
-      out[key] = value
-  return out
-
-
-def _load_corpus(path, skip_invalid: bool = False, split_words: int = 0):
-  """A corpus file (any reader format), or a TFDS array_record directory from `ragjax store`
-  (random access, streamed from disk). `split_words > 0` splits passages into DPR-style
-  ~N-word passages, title kept."""
-  from ragjax.data import corpus
-  if pathlib.Path(path).is_dir():
-    from ragjax.data.tfds_store import CorpusSource
-    if split_words:
-      raise UsageError(f"{path}: --split-words applies to corpus files, not to a stored dataset")
-    return CorpusSource(path)
-  passages = corpus.read_passages(path, skip_invalid=skip_invalid)
-  if split_words:
-    passages = [q for p in passages for q in corpus.split_document(p.id, p.title, p.text,
-                                                                   split_words)]
-  return passages
-
-
 def cmd_store(args):
   from ragjax.data import tfds_store
   from ragjax.data.corpus import iter_passages
   from ragjax.data.qa import iter_questions
   if bool(args.corpus) == bool(args.questions):
     raise UsageError("ragjax store: give exactly one of --corpus FILE or --questions FILE")
+  check_writable(args.out, "--out")
   if args.corpus:
     path = tfds_store.build_corpus_dataset(iter_passages(args.corpus), args.out, name=args.name,
                                            overwrite=args.overwrite)
@@ -82,119 +54,15 @@ def cmd_store(args):
   print(f"array_record dataset at {path}")
 
 
-def _load_retriever(spec: str, max_length: int | None):
-  from ragjax.models.retriever import load_retriever
-  return load_retriever(spec, max_length=max_length)
-
-
 def cmd_make_bios(args):
   if args.layout == "documents":
     from ragjax.data.synthetic_docs import write_bio_documents as write
   else:
     from ragjax.data.synthetic import write_bios as write
+  check_writable(args.out, "--out")
   paths = write(args.out, args.num_people, seed=args.seed, eval_fraction=args.eval_fraction)
   for name, path in paths.items():
     print(f"{name}: {path}")
-
-
-def cmd_embed(args):
-  from ragjax.retrieval.embed import embed_corpus
-  passages = _load_corpus(args.corpus, args.skip_invalid, args.split_words)
-  retriever = _load_retriever(args.retriever, args.max_length)
-  manifest = embed_corpus(retriever, passages, args.out, shard_size=args.shard_size,
-                          batch_size=args.batch_size, dtype=args.dtype)
-  print(f"embedded {manifest['count']} passages x {manifest['dim']} into {args.out} "
-        f"({len(manifest['shards'])} shards, {manifest['embed_seconds']} s)")
-
-
-def cmd_index(args):
-  from ragjax.retrieval.embed import load_embeddings
-  from ragjax.retrieval.evaluate import build_index
-  params = _params(args.param)
-  retriever = embeddings = None
-  passages = _load_corpus(args.corpus, split_words=args.split_words) if args.corpus else None
-  if args.embeddings:
-    embeddings, ids, emb_manifest = load_embeddings(args.embeddings)
-    encoder = emb_manifest["encoder"]
-    if passages is not None and [p.id for p in passages] != list(ids):
-      raise UsageError(f"{args.embeddings}: passage ids differ from {args.corpus}")
-    if passages is None:  # dense indexes need only the ids; retrieve reads texts via --corpus
-      from ragjax.data.corpus import Passage
-      passages = [Passage(i, "", "") for i in ids]
-  elif args.kind != "bm25":
-    if passages is None:
-      raise UsageError("ragjax index: give --embeddings DIR, or --corpus FILE with --retriever")
-    retriever = _load_retriever(args.retriever, args.max_length)
-  elif passages is None:
-    raise UsageError("ragjax index --kind bm25: needs --corpus FILE")
-  index, timings = build_index(args.kind, passages, retriever, embeddings=embeddings,
-                               batch_size=args.batch_size, **params)
-  if args.embeddings:
-    index.manifest["encoder"] = encoder
-  if args.corpus:
-    index.manifest["corpus"] = str(pathlib.Path(args.corpus).resolve())
-    index.manifest["split_words"] = args.split_words
-  index.save(args.out)
-  print(f"{args.kind} index of {index.count} passages published at {args.out} ({timings})")
-
-
-def cmd_retrieve(args):
-  from ragjax.retrieval.registry import load_index
-  index = load_index(args.index)
-  corpus = args.corpus or index.manifest.get("corpus")
-  if not corpus:
-    raise UsageError(f"{args.index}: the index does not name its corpus; pass --corpus FILE")
-  passages = {p.id: p for p in _load_corpus(corpus, split_words=index.manifest.get("split_words", 0))}
-  if index.kind == "bm25":
-    queries = [args.question]
-  else:
-    spec = args.retriever or (index.manifest.get("encoder") or {}).get("name")
-    if not spec:
-      raise UsageError(f"{args.index}: the index does not name its encoder; pass --retriever")
-    queries = _load_retriever(spec, args.max_length).encode_queries([args.question])
-  scores, ids = index.search(queries, args.k)
-  results = [{"rank": r + 1, "score": float(s), "id": str(i), "title": passages[i].title,
-              "text": passages[i].text} for r, (s, i) in enumerate(zip(scores[0], ids[0]))]
-  if args.json:
-    print(json.dumps(results, indent=1, ensure_ascii=False))
-    return
-  for r in results:
-    print(f"{r['rank']:>3}  {r['score']:8.4f}  {r['id']}  {r['title']}")
-    print(f"     {r['text'][:300]}")
-
-
-def cmd_eval_retrieval(args):
-  from ragjax.data.qa import read_questions
-  from ragjax.retrieval.evaluate import evaluate_retrieval
-  passages = _load_corpus(args.corpus, split_words=args.split_words)
-  questions = read_questions(args.questions)
-  if args.limit_questions:
-    questions = questions[:args.limit_questions]
-  if args.retriever == "bm25":
-    kind, retriever = "bm25", None
-  else:
-    kind, retriever = args.index, _load_retriever(args.retriever, args.max_length)
-  embeddings = None
-  if args.embeddings and kind != "bm25":
-    from ragjax.retrieval.embed import load_embeddings
-    embeddings, ids, manifest = load_embeddings(args.embeddings)
-    if list(ids) != [p.id for p in passages]:
-      raise UsageError(f"{args.embeddings}: passage ids differ from {args.corpus}")
-    if manifest["encoder"] != retriever.identity:
-      raise UsageError(f"{args.embeddings}: embedded with {manifest['encoder']}, not with "
-                       f"{retriever.identity}")
-  t0 = time.perf_counter()
-  report = evaluate_retrieval(passages, questions, retriever, kind, args.k,
-                              batch_size=args.batch_size, embeddings=embeddings,
-                              **_params(args.param))
-  report["timings"]["total_seconds"] = round(time.perf_counter() - t0, 3)
-  report["corpus"], report["questions"] = str(args.corpus), str(args.questions)
-  if args.out:
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-  print(json.dumps({"num_questions": report["num_questions"], "index": report["index"],
-                    "recall": report["recall"]}, indent=1))
 
 
 def _setup_logging():
@@ -224,6 +92,7 @@ def cmd_train(args):
   from ragjax.training.loop import train
   _setup_logging()
   cfg = config_lib.apply_overrides(config_lib.load_config(args.config), args.overrides)
+  check_writable(args.workdir, "--workdir", subdirs=("checkpoints", "eval", "index"))
   _distributed(args)
   summary = train(cfg, args.workdir, spec=args.config, overrides=args.overrides)
   ev = summary["last_eval"]
@@ -256,6 +125,7 @@ def _restored_run(args):
 
 
 def cmd_eval(args):
+  check_writable(pathlib.Path(args.workdir) / "eval", "--workdir")
   run, state, meta = _restored_run(args)
   questions = (run.system.eval_questions if args.split == "eval"
                else run.system.train_questions)
@@ -324,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--debug", action="store_true",
                       help="print the traceback of an error (also RAGJAX_DEBUG=1)")
+  parser.add_argument("--verbose", action="store_true",
+                      help="keep third-party libraries' debug logging (also RAGJAX_VERBOSE=1)")
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
   def add(name, fn, help_):
@@ -352,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "documents in passages, names mostly in titles (default: %(default)s)")
   p.add_argument("--out", required=True)
 
-  p = add("embed", cmd_embed, "embed a corpus into resumable shards with a manifest")
+  p = add("embed", retrieval_commands.embed, "embed a corpus into resumable shards with a manifest")
   p.add_argument("--corpus", required=True)
   p.add_argument("--out", required=True)
   p.add_argument("--shard-size", type=int, default=16384)
@@ -361,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
   retriever_args(p)
   corpus_args(p)
 
-  p = add("index", cmd_index, "build and atomically publish an exact, ScaNN or BM25 index")
+  p = add("index", retrieval_commands.index, "build and atomically publish an exact, ScaNN or BM25 index")
   p.add_argument("--kind", choices=("exact", "scann", "bm25"), required=True)
   p.add_argument("--out", required=True)
   p.add_argument("--embeddings", help="embedding directory from `ragjax embed`")
@@ -370,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
   retriever_args(p)
   corpus_args(p)
 
-  p = add("retrieve", cmd_retrieve, "print the top-k passages for a question")
+  p = add("retrieve", retrieval_commands.retrieve, "print the top-k passages for a question")
   p.add_argument("question")
   p.add_argument("--index", required=True)
   p.add_argument("--corpus", help="corpus file (default: the one the index was built from)")
@@ -379,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--k", type=int, default=5)
   p.add_argument("--json", action="store_true")
 
-  p = add("eval-retrieval", cmd_eval_retrieval, "recall@k of a retriever on a question set")
+  p = add("eval-retrieval", retrieval_commands.eval_retrieval, "recall@k of a retriever on a question set")
   p.add_argument("--corpus", required=True)
   p.add_argument("--questions", required=True)
   p.add_argument("--index", choices=("exact", "scann"), default="exact",
@@ -456,6 +328,8 @@ def main(argv=None):
   too)."""
   os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
   args, rest = build_parser().parse_known_args(argv)
+  if args.verbose:
+    os.environ["RAGJAX_VERBOSE"] = "1"
   args.overrides = [r for r in rest if r.startswith("--config.")]
   unknown = [r for r in rest if not r.startswith("--config.")]
   if unknown or (args.overrides and args.command not in ("train", "eval", "generate", "aot")):

@@ -24,8 +24,8 @@ import ml_collections
 
 from ragjax import sharding
 from ragjax.config_checks import (  # noqa: F401 (re-exported: ragjax.config.READERS, ...)
-    DPR_NEGATIVES, READERS, RETRIEVER_LOSSES, _choice, retrieved_k, validate_dpr,
-    validate_retriever_loss)
+    DPR_NEGATIVES, READERS, RETRIEVER_LOSSES, _choice, config_file_errors, retrieved_k,
+    validate_dpr, validate_retriever_loss)
 from ragjax.errors import ConfigError, DataError
 
 TOWERS = ("query_encoder", "passage_encoder", "generator")
@@ -68,7 +68,8 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   """Import `path.py` (`spec` is `path.py` or `path.py:arg`) and return `get_config(arg)`.
 
   Raises:
-    ConfigError: missing file, or no `get_config` in it.
+    ConfigError: missing file, no `get_config` in it, a syntax error in it or an exception while
+      it runs (naming the file and line).
   """
   path, _, arg = spec.partition(":")
   file = pathlib.Path(path)
@@ -76,10 +77,12 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     raise ConfigError(f"config file {file}: not found")
   module_spec = importlib.util.spec_from_file_location(f"ragjax_config_{file.stem}", file)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  with config_file_errors(file, "loading it"):
+    module_spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {file}: defines no get_config(arg)")
-  cfg = module.get_config(arg or None)
+  with config_file_errors(file, f"get_config({arg or None!r})"):
+    cfg = module.get_config(arg or None)
   if not isinstance(cfg, ml_collections.ConfigDict):
     raise ConfigError(f"config file {file}: get_config returned {type(cfg).__name__}, "
                       "expected ml_collections.ConfigDict")
@@ -105,7 +108,12 @@ def _coerce(old, text: str, key: str):
       raise ConfigError(f"--config.{key}={text}: expected a number") from None
   if isinstance(old, str):
     return text
-  return _literal(text)
+  value = _literal(text)
+  if isinstance(old, (tuple, list)) and not isinstance(value, (tuple, list)):
+    example = tuple(x.strip() for x in text.split(",") if x.strip())
+    raise ConfigError(f"--config.{key}={text}: expected a tuple, e.g. "
+                      f"--config.{key}='{example!r}'")
+  return value
 
 
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
@@ -128,7 +136,10 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides) -> ml_collections
       if i < len(parts) - 1:
         node = node[part]
     last = parts[-1]
-    node[last] = _coerce(node[last], value, key)
+    try:
+      node[last] = _coerce(node[last], value, key)
+    except TypeError as e:  # ml_collections' own type check (e.g. a tuple for an int field)
+      raise ConfigError(f"--config.{key}={value}: {e}") from None
   return cfg
 
 
@@ -192,6 +203,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.init = dict(                # start from another run (e.g. joint pretraining -> QA)
       from_workdir="",            # a `ragjax train` workdir: its towers initialise this run
       step=0,                     # its checkpoint step (0: the newest)
+      towers=TOWERS,              # the towers taken from W
+                                  # (the others start as this run's retriever/generator.init)
       index="reembed")            # reembed (the corpus under its passage encoder) | keep (its
                                   # published index version of that step)
   c.index = dict(
@@ -218,7 +231,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = dict(
       total_steps=1000, global_batch=8, grad_accum_steps=1, log_every=10,
       checkpoint_every=200, keep_checkpoints=3, eval_every=0, async_checkpointing=True,
-      tensorboard=True, progress_bar=True)
+      tensorboard=True, progress_bar=True,
+      allow_config_change=False)  # resume although keys that change the steps differ
+                                  # (training.workdir.check_resumed_config)
   c.mesh = dict(axes=tuple(sharding.DEFAULT_MESH), axis_rules=tuple(sharding.DEFAULT_AXIS_RULES),
                 num_devices=0)            # 0: every device; N: the first N (one process)
   c.eval = dict(decoding="rag_token", num_beams=1, max_new_tokens=16, batch_size=32,
@@ -327,6 +342,9 @@ def validate(cfg, mesh=None, *, data: bool = True) -> None:
   _choice(cfg.eval.decoding, DECODINGS, "eval.decoding")
   _choice(cfg.index.kind, INDEX_KINDS, "index.kind")
   _choice(o.schedule, LR_SCHEDULES, "optim.schedule")
+  if int(cfg.train.total_steps) < 1:
+    raise ConfigError(f"train.total_steps={cfg.train.total_steps}: expected a number of steps "
+                      ">= 1")
   validate_retriever_loss(m)
   frozen = frozen_towers(o)
   validate_dpr(m, frozen)
@@ -426,13 +444,23 @@ def _validate_init(cfg) -> None:
   if not i or not i.get("from_workdir"):
     return
   _choice(i.index, ("reembed", "keep"), "init.index")
+  towers = tuple(i.get("towers", TOWERS))
+  for t in towers:
+    _choice(t, TOWERS, "init.towers")
+  if not towers:
+    raise ConfigError(f"init.towers: empty; expected some of {TOWERS}")
+  if i.index == "keep" and "passage_encoder" not in towers:
+    raise ConfigError("init.index='keep' needs 'passage_encoder' in init.towers (the kept index "
+                      "was embedded by W's passage encoder)")
   src = pathlib.Path(i.from_workdir)
   if not (src / "config.json").is_file() or not (src / "checkpoints").is_dir():
     raise DataError("expected a `ragjax train` workdir (config.json and checkpoints/)",
                     path=src, field="init.from_workdir")
   theirs, ours = _flat(shape_config(load_workdir_config(src))), _flat(shape_config(cfg))
+  side = {"retriever": "query_encoder" in towers or "passage_encoder" in towers,
+          "generator": "generator" in towers}
   diff = [f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in sorted(ours)
-          if theirs.get(k) != ours.get(k)]
+          if side[k.split(".")[0]] and theirs.get(k) != ours.get(k)]
   if diff:
     raise ConfigError(f"init.from_workdir={src}: its towers have other shapes ({'; '.join(diff)})")
 

@@ -3,7 +3,11 @@ options, the retriever-only DPR job; each raises ConfigError naming the key) and
 helpers they need, re-exported by `ragjax.config`."""
 from __future__ import annotations
 
-from ragjax.errors import ConfigError
+import contextlib
+import pathlib
+import traceback
+
+from ragjax.errors import ConfigError, RagjaxError
 
 RETRIEVER_LOSSES = ("none", "pdist", "emdr2", "loop", "adist")
 READERS = ("rag", "fid")
@@ -82,3 +86,22 @@ def validate_retriever_loss(m) -> None:
   for key in ("retriever_temperature", "target_temperature"):
     if not float(m.get(key, 1.0)) > 0:
       raise ConfigError(f"model.{key}={m.get(key)}: expected a positive number")
+
+
+@contextlib.contextmanager
+def config_file_errors(file: pathlib.Path, doing: str):
+  """Turn a config file's SyntaxError, or any exception raised while `doing` (importing it,
+  calling its get_config), into one ConfigError naming the file and its line. A RagjaxError the
+  file raises itself (e.g. an unknown row) passes through as it is."""
+  try:
+    yield
+  except RagjaxError:
+    raise
+  except SyntaxError as e:
+    raise ConfigError(f"config file {file}:{e.lineno}: syntax error: {e.msg}") from None
+  except Exception as e:  # noqa: BLE001 (user code: any exception becomes one line)
+    here = str(pathlib.Path(file).resolve())
+    lines = [f.lineno for f in traceback.extract_tb(e.__traceback__)
+             if str(pathlib.Path(f.filename).resolve()) == here]
+    where = f"{file}:{lines[-1]}" if lines else str(file)
+    raise ConfigError(f"config file {where}: {type(e).__name__} while {doing}: {e}") from None

@@ -59,6 +59,10 @@ class NotFoundError(RagjaxError, FileNotFoundError):
   """A file or directory the command needs is absent (no checkpoint to evaluate, ...)."""
 
 
+class NotWritableError(RagjaxError, PermissionError):
+  """An output path (workdir, --out) that cannot be written: checked before any work starts."""
+
+
 class UsageError(RagjaxError, ValueError):
   """Command-line arguments that do not fit together (e.g. neither or both of two options)."""
 

@@ -18,6 +18,8 @@ import shutil
 import tempfile
 import time
 
+from ragjax.errors import NotWritableError
+
 
 @contextlib.contextmanager
 def atomic_file(path):
@@ -93,3 +95,32 @@ def atomic_directory(path):
   _fsync(path.parent)
   if old is not None:
     shutil.rmtree(old, ignore_errors=True)
+
+
+def chmod_default(path) -> None:
+  """Give a file made by `tempfile.mkstemp` (0600) the mode `open()` would have (0666 & ~umask)."""
+  os.chmod(path, 0o666 & ~_umask())
+
+
+def check_writable(path, what: str, subdirs=()) -> None:
+  """Check, before any work starts, that `path` (a directory, existing or to be made) can be
+  written: a probe file is created and removed in `path`, or in its nearest existing ancestor,
+  and in each existing `subdirs` of it (so a read-only mount or a root-owned directory is caught
+  for root too). `what` names the option, e.g. "--workdir".
+
+  Raises: NotWritableError naming `what`, the path and the directory that refused.
+  """
+  path = pathlib.Path(path)
+  probe = path
+  while not probe.exists() and probe != probe.parent:
+    probe = probe.parent
+  if not probe.is_dir():
+    raise NotWritableError(f"{what} {path}: {probe} is a file, expected a directory")
+  for d in [probe] + [path / s for s in subdirs if (path / s).is_dir()]:
+    try:
+      fd, name = tempfile.mkstemp(dir=d, prefix=".ragjax-write-probe.")
+      os.close(fd)
+      os.unlink(name)
+    except OSError as e:
+      raise NotWritableError(f"{what} {path}: cannot write in {d} ({e.strerror}); expected a "
+                             "directory this user can write") from None

@@ -192,3 +192,33 @@ def test_fine_tuning_from_an_incompatible_workdir_names_the_keys(pretrained, tmp
   config_lib.apply_overrides(cfg, [f"init.from_workdir={tmp_path}"])
   with pytest.raises(DataError, match="init.from_workdir.*config.json and checkpoints"):
     config_lib.validate(cfg)
+
+
+def test_init_towers_takes_only_the_named_towers(pretrained, tmp_path):
+  """`init.towers=("generator",)`: the generator from W, the retriever as a fresh run's."""
+  from ragjax.checkpoint import Checkpointer
+  from ragjax.cli import main
+  lr0 = ["--config.train.total_steps=1", "--config.optim.learning_rate=0.0", *ONE]
+  fresh, part = tmp_path / "fresh", tmp_path / "part"
+  assert main(["train", "--config", "experiments/bios.py:smoke", "--workdir", str(fresh),
+               *lr0]) == 0
+  assert main(["train", "--config", "experiments/bios.py:smoke", "--workdir", str(part), *lr0,
+               f"--config.init.from_workdir={pretrained}",
+               "--config.init.towers=('generator',)"]) == 0
+  read = lambda w, s: Checkpointer.reader(w / "checkpoints").restore_subtree(s, ("params",))
+  src, new, base = read(pretrained, 2), read(part, 1), read(fresh, 1)
+  same = lambda a, b: all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))
+  assert same(new["generator"], src["generator"])
+  assert not same(new["generator"], base["generator"])
+  assert same(new["bi_encoder"], base["bi_encoder"])
+  assert not same(new["bi_encoder"]["query_encoder"], src["bi_encoder"]["query_encoder"])
+
+
+def test_init_towers_is_checked(pretrained):
+  for towers, words in [("('decoder',)", r"init.towers 'decoder': expected one of"),
+                        ("('generator',)", r"init.index='keep' needs 'passage_encoder'")]:
+    cfg = config_lib.load_config("experiments/bios.py:smoke")
+    config_lib.apply_overrides(cfg, [f"init.from_workdir={pretrained}", f"init.towers={towers}",
+                                     "init.index=keep"])
+    with pytest.raises(ConfigError, match=words):
+      config_lib.validate(cfg)

@@ -86,7 +86,12 @@ def detect_question_format(path) -> str:
 # ----------------------------------------------------------------------------------------------
 # Field checks.
 
+MISSING = object()  # `obj.get(key, MISSING)`: the field is absent (not null)
+
+
 def _question_text(v, *, path, line, field="question") -> str:
+  if v is MISSING:
+    raise DataError("missing; expected a non-empty string", path=path, line=line, field=field)
   if not isinstance(v, str) or not v.strip():
     got = f"{type_name(v)} {v!r}" if isinstance(v, str) else type_name(v)
     raise DataError(f"expected a non-empty string, got {got}", path=path, line=line, field=field)
@@ -111,16 +116,16 @@ def _answer_list(v, *, path, line, field, regex: bool, require: bool) -> tuple[s
       except ValueError as e:
         raise DataError(f"answer {i}: {e}", path=path, line=line, field=field) from None
   if require and not v:
-    raise DataError("question with no answers; expected at least one (or pass "
-                    "require_answers=False)", path=path, line=line, field=field)
+    raise DataError("question with no answers; expected at least one answer string, e.g. "
+                    '["Paris"]', path=path, line=line, field=field)
   return tuple(v)
 
 
 def _optional_answers(obj: dict, key: str, *, path, line, regex, require) -> tuple[str, ...]:
   if key not in obj:
     if require:
-      raise DataError("missing; expected a list of answer strings (or pass require_answers=False)",
-                      path=path, line=line, field=key)
+      raise DataError('missing; expected a list of answer strings, e.g. ["Paris"]', path=path,
+                      line=line, field=key)
     return ()
   return _answer_list(obj[key], path=path, line=line, field=key, regex=regex, require=require)
 
@@ -150,7 +155,7 @@ def _questions_jsonl(path, policy, *, regex, require):
                         field="answers_are_regex")
       q = Question(
           id=corpus.get_id(obj, "id", path=path, line=line),
-          question=_question_text(obj.get("question"), path=path, line=line),
+          question=_question_text(obj.get("question", MISSING), path=path, line=line),
           answers=_optional_answers(obj, "answers", path=path, line=line, regex=rx,
                                     require=require),
           gold_passage_ids=_id_list(obj.get("gold_passage_ids", []), path=path, line=line,
@@ -168,7 +173,7 @@ def _answer_jsonl(path, policy, *, regex, require):
   for line, obj in corpus.iter_json_lines(path, policy):
     try:
       q = Question(id=f"{stem}-{line - 1}",
-                   question=_question_text(obj.get("question"), path=path, line=line),
+                   question=_question_text(obj.get("question", MISSING), path=path, line=line),
                    answers=_optional_answers(obj, "answer", path=path, line=line, regex=regex,
                                              require=require),
                    answers_are_regex=regex)
@@ -248,7 +253,7 @@ def _squad(path, policy, *, regex, require, squad_prefix):
           texts = list(dict.fromkeys(x["text"] for x in raw))
           q = Question(
               id=corpus.get_id(qa, "id", path=path, line=None, field=f"{where}.id"),
-              question=_question_text(qa.get("question"), path=path, line=None,
+              question=_question_text(qa.get("question", MISSING), path=path, line=None,
                                       field=f"{where}.question"),
               answers=_answer_list(texts, path=path, line=None, field=f"{where}.answers",
                                    regex=regex, require=require),
@@ -299,7 +304,7 @@ def _webquestions(path, policy, *, regex, require):
       if not isinstance(obj, dict):
         raise DataError(f"expected a JSON object, got {type_name(obj)}", path=path, line=line)
       q = Question(id=corpus.get_id(obj, "qId", path=path, line=line),
-                   question=_question_text(obj.get("qText"), path=path, line=line, field="qText"),
+                   question=_question_text(obj.get("qText", MISSING), path=path, line=line, field="qText"),
                    answers=_optional_answers(obj, "answers", path=path, line=line, regex=regex,
                                              require=require),
                    answers_are_regex=regex)

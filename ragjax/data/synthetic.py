@@ -31,6 +31,7 @@ import numpy as np
 
 from ragjax.data.corpus import Passage
 from ragjax.data.qa import Question
+from ragjax.fsutil import chmod_default
 
 ATTRIBUTES = ("birth_date", "birth_city", "university", "major", "employer")
 
@@ -484,6 +485,7 @@ def write_bios(out_dir, num_people: int, seed: int = 0,
       os.fsync(f.fileno())
       f.close()
     for key, (tmp_name, _) in tmp.items():
+      chmod_default(tmp_name)
       os.replace(tmp_name, paths[key])
   finally:
     for tmp_name, f in tmp.values():

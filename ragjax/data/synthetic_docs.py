@@ -75,6 +75,7 @@ import numpy as np
 from ragjax.data import synthetic
 from ragjax.data.corpus import Passage
 from ragjax.data.qa import Question
+from ragjax.fsutil import chmod_default
 from ragjax.data.synthetic import ATTRIBUTES, Person, SyntheticBios
 from ragjax.data.synthetic_docs_text import (ATTR_KIND, DISTRACTORS, FILLERS, HEADINGS, KINDS,
                                              NEWS_LEADS, RELATIVES, ROLES)
@@ -447,6 +448,7 @@ def write_bio_documents(out_dir, num_people: int, seed: int = 0, eval_fraction: 
         f.write("".join(r + "\n" for r in rows))
         f.flush()
         os.fsync(f.fileno())
+      chmod_default(tmp_name)
       os.replace(tmp_name, paths[key])
     finally:
       if os.path.exists(tmp_name):

@@ -47,6 +47,9 @@ def bucket_length(n: int, buckets: Sequence[int], max_length: int) -> int:
   return max_length
 
 
+MAX_CHARS_PER_TOKEN = 100  # BERT's WordPiece reads words of at most 100 characters as one token
+
+
 class WordPieceTokenizer:
   """A BERT WordPiece tokenizer with explicit truncation and bucketed padding.
 
@@ -101,12 +104,28 @@ class WordPieceTokenizer:
   def vocab_size(self) -> int:
     return self._tok.get_vocab_size()
 
-  def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
+  def tokenize(self, texts: Sequence[str], max_length: int | None = None,
+               stats: dict | None = None) -> list[list[int]]:
     """Token ids per text, special tokens included, truncated to `max_length` keeping the first
-    `max_length - 1` tokens and the final `[SEP]`."""
+    `max_length - 1` tokens and the final `[SEP]`.
+
+    A text is cut to `max_length * MAX_CHARS_PER_TOKEN` characters before it is tokenized, so a
+    single record's memory is bounded (a 10 MiB line would otherwise be tokenized whole: about
+    2.5 GB). `stats`, when given, gets `"truncated"` += the texts cut either way.
+    """
     max_length = self.max_length if max_length is None else int(max_length)
-    return [e.ids if len(e.ids) <= max_length else e.ids[:max_length - 1] + e.ids[-1:]
-            for e in self._tok.encode_batch(list(texts))]
+    limit = max_length * MAX_CHARS_PER_TOKEN
+    cut = [t if len(t) <= limit else t[:limit] for t in texts]
+    out, truncated = [], 0
+    for text, enc in zip(texts, self._tok.encode_batch(cut)):
+      ids = enc.ids
+      if len(ids) > max_length or len(text) > limit:
+        truncated += 1
+        ids = ids[:max_length - 1] + ids[-1:] if len(ids) > max_length else ids
+      out.append(ids)
+    if stats is not None:
+      stats["truncated"] = stats.get("truncated", 0) + truncated
+    return out
 
   def pad(self, ids: Sequence[Sequence[int]], max_length: int | None = None,
           length: int | None = None) -> TokenBatch:

@@ -85,14 +85,15 @@ class Retriever:
     return self._encode[side]
 
   def _encode_texts(self, side: str, texts: Sequence[str], batch_size: int,
-                    progress=None) -> np.ndarray:
+                    progress=None, stats: dict | None = None) -> np.ndarray:
     """Encode `texts` in length-sorted batches of exactly `batch_size` (the last one padded), so
-    compiles are bounded by the number of length buckets. Returns `[N, D]` float32, input order."""
+    compiles are bounded by the number of length buckets. Returns `[N, D]` float32, input order;
+    `stats["truncated"]` counts the texts cut to the encoder's max length."""
     n = len(texts)
     out = np.zeros((n, self.dim), np.float32)
     if n == 0:
       return out
-    ids = self.tokenizer.tokenize(texts)  # once: sorting and batching reuse the ids
+    ids = self.tokenizer.tokenize(texts, stats=stats)  # once: sorting and batching reuse them
     order = np.argsort(-np.array([len(x) for x in ids]), kind="stable")
     fn, params = self._fn(side), self.params[f"{side}_encoder"]
     for start in range(0, n, batch_size):
@@ -114,10 +115,11 @@ class Retriever:
     return self._encode_texts("query", list(questions), batch_size, progress)
 
   def encode_passages(self, titles: Sequence[str], texts: Sequence[str], batch_size: int = 64,
-                      progress=None) -> np.ndarray:
-    """Passage vectors `[N, D]` float32 (E_P, DPR eq. 1) of `title [SEP] text`."""
+                      progress=None, stats: dict | None = None) -> np.ndarray:
+    """Passage vectors `[N, D]` float32 (E_P, DPR eq. 1) of `title [SEP] text`; `stats`, when
+    given, counts the passages truncated to the encoder's max length (`"truncated"`)."""
     joined = [self.tokenizer.passage_text(t, x) for t, x in zip(titles, texts)]
-    return self._encode_texts("passage", joined, batch_size, progress)
+    return self._encode_texts("passage", joined, batch_size, progress, stats)
 
 
 def _sentence_transformers_overrides(path: pathlib.Path) -> dict:

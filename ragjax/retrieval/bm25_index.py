@@ -9,14 +9,26 @@ overridable). Documents are
 """
 from __future__ import annotations
 
+import logging
+import os
+
 import numpy as np
 
 from ragjax.errors import IndexFormatError
 from ragjax.retrieval.index import Index
 
 
-def _tokenize(texts, return_ids: bool):
+def _bm25s():
+  """`import bm25s`, whose import sets its logger to DEBUG (every index build then prints debug
+  lines); it is put back to WARNING unless RAGJAX_VERBOSE (`ragjax --verbose`) is set."""
   import bm25s
+  if os.environ.get("RAGJAX_VERBOSE", "") in ("", "0"):
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+  return bm25s
+
+
+def _tokenize(texts, return_ids: bool):
+  bm25s = _bm25s()
   return bm25s.tokenize(list(texts), stopwords="en", return_ids=return_ids, show_progress=False)
 
 
@@ -31,7 +43,7 @@ class BM25Index(Index):
 
   @classmethod
   def _build(cls, data, passage_ids, k1: float = 1.5, b: float = 0.75, method: str = "lucene"):
-    import bm25s
+    bm25s = _bm25s()
     texts = [str(t) for t in data]
     model = bm25s.BM25(k1=k1, b=b, method=method)
     model.index(_tokenize(texts, return_ids=True), show_progress=False)
@@ -52,7 +64,7 @@ class BM25Index(Index):
 
   @classmethod
   def _load_files(cls, directory, passage_ids, manifest):
-    import bm25s
+    bm25s = _bm25s()
     try:
       model = bm25s.BM25.load(str(directory / "bm25"), show_progress=False)
     except Exception as e:  # bm25s raises FileNotFoundError/JSONDecodeError/ValueError

@@ -99,6 +99,7 @@ def checkpoint_params(workdir, step: int | None = None) -> tuple[int, dict, dict
   step = reader.latest_step() if step is None else int(step)
   if step is None or step not in steps:
     raise NotFoundError(f"{workdir}: no checkpoint at step {step} (steps: {steps})")
+  reader.verify(step)  # a corrupt step is refused in one line, naming the file
   return step, reader.restore_subtree(step, ("params",)), reader.metadata(step)
 
 

@@ -34,7 +34,10 @@ def add_parsers(add, ks, setup_logging) -> None:
 
 
 def export(args):
+  import pathlib
+  from ragjax.fsutil import check_writable
   from ragjax.serving import bundle
+  check_writable(pathlib.Path(args.out).parent, f"--out {args.out}: its directory")
   if args.format == "hf":
     report = bundle.export_hf(args.workdir, args.out, args.step)
   else:

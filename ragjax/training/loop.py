@@ -42,7 +42,7 @@ from ragjax.system.build import build_system, corpus_key
 from ragjax.training.optim import make_optimizer
 from ragjax.training.state import abstract_state, build_mesh, init_state
 from ragjax.training.step import jit_train_step
-from ragjax.training.workdir import MetricsWriter, save_config
+from ragjax.training.workdir import MetricsWriter, check_resumed_config, save_config
 
 log = logging.getLogger("ragjax")
 
@@ -77,9 +77,9 @@ class Run:
     self.feeder = feed.Feeder(self.system, self.mesh, self.rules, kind)
 
   def _init_from_workdir(self) -> tuple[int | None, int | None]:
-    """`init.from_workdir` W: every tower of this run starts from W's checkpoint (`init.step`,
-    0 = newest; a fresh optimiser at step 0), and the frozen passage encoder that embeds the
-    corpus is W's. Returns `(W's step, its checkpoint's index version or None)`, or
+    """`init.from_workdir` W: the towers named in `init.towers` (default all three) start from
+    W's checkpoint (`init.step`, 0 = newest; a fresh optimiser at step 0), the others from this
+    run's own init; with W's passage encoder, the frozen corpus embeddings are W's too. Returns `(W's step, its checkpoint's index version or None)`, or
     `(None, None)` without `init.from_workdir`.
 
     Raises: NotFoundError when W has no such checkpoint.
@@ -95,14 +95,18 @@ class Run:
                           f"{'at step ' + str(i.step) if int(i.step) else 'at all'} in "
                           f"{src / 'checkpoints'} (steps: {reader.all_steps()})")
     params = reader.restore_subtree(step, ("params",))
+    towers = tuple(i.get("towers", config_lib.TOWERS))
     retriever = self.system.retriever
-    retriever.params = {t: params["bi_encoder"][t] for t in ("query_encoder", "passage_encoder")}
-    retriever.identity = {**retriever.identity, "init_from_workdir": str(src.resolve()),
-                          "init_step": int(step)}
-    self.system.generator_params = params["generator"]
+    retriever.params = {t: params["bi_encoder"][t] if t in towers else retriever.params[t]
+                        for t in ("query_encoder", "passage_encoder")}
+    if "passage_encoder" in towers or "query_encoder" in towers:
+      retriever.identity = {**retriever.identity, "init_from_workdir": str(src.resolve()),
+                            "init_step": int(step), "init_towers": list(towers)}
+    if "generator" in towers:
+      self.system.generator_params = params["generator"]
     version = reader.metadata(step).get("index_version")
-    log.info("init.from_workdir: towers from %s step %d (index version %s, index %s)", src, step,
-             version, i.index)
+    log.info("init.from_workdir: %s from %s step %d (index version %s, index %s)",
+             ", ".join(towers), src, step, version, i.index)
     return int(step), version
 
   def initial_embeddings(self, params) -> np.ndarray:
@@ -142,6 +146,7 @@ class Run:
     step = self.ckpt.latest_step()
     if step is None:
       raise NotFoundError(f"{self.workdir / 'checkpoints'}: no checkpoint to evaluate")
+    self.ckpt.verify(step)  # a corrupt step: one line naming the file (train sets it aside)
     return self.ckpt.restore(step, self.shapes.state)
 
   def corpus_embeddings(self, params) -> np.ndarray:
@@ -225,14 +230,17 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, spec: str | None = None,
   if run.is_main:
     log.info("resolved config (also in %s):\n%s", workdir / "config.json", cfg)
   state, meta = run.restore_or_init()  # a refused checkpoint leaves config.json as it was
+  if meta:
+    check_resumed_config(cfg, workdir, int(meta["step"]), write=run.is_main)
   if run.is_main:
     workdir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, workdir, spec, overrides)
   start = int(jax.device_get(state.step))
   log.info("%s at step %d", "resumed" if meta else "initialised", start)
   if start > int(cfg.train.total_steps):
-    raise ConfigError(f"train.total_steps={cfg.train.total_steps} is below the step of the newest "
-                      f"checkpoint ({start}) in {run.ckpt.directory}")
+    raise ConfigError(f"train.total_steps={cfg.train.total_steps}: the newest checkpoint in "
+                      f"{run.ckpt.directory} is at step {start}; expected total_steps >= {start} "
+                      "to resume it (or a new --workdir)")
   log.info("largest parameters:\n%s", sh.sharding_summary(state.params, top=8))
   refresh = IndexRefresh(run)
   refresh.start(state.params, start)
