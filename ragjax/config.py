@@ -243,11 +243,16 @@ def base_config() -> ml_collections.ConfigDict:
 
 def load_workdir_config(workdir) -> ml_collections.ConfigDict:
   """The config a run in `workdir` was trained with (`W/config.json`), over `base_config()` (keys
-  added since the run was written take their defaults). Raises: ConfigError when absent."""
+  added since the run was written take their defaults). Raises: ConfigError when absent or not
+  a `{"config": {...}}` JSON object."""
   path = pathlib.Path(workdir) / "config.json"
   if not path.is_file():
     raise ConfigError(f"{path}: not found (is {workdir} a `ragjax train` workdir?)")
-  saved = json.loads(path.read_text())["config"]
+  try:
+    saved = json.loads(path.read_text())["config"]
+  except (json.JSONDecodeError, KeyError, TypeError) as e:
+    raise ConfigError(f"{path}: not a ragjax workdir config ({type(e).__name__}: {e}); expected "
+                      'the {"config": {...}} that `ragjax train` writes') from None
 
   def merge(base: dict, over: dict) -> dict:
     out = dict(base)

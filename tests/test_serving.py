@@ -242,6 +242,93 @@ def test_server_routes_match_the_engine(server, engine):
     assert reloading.result().json()["checkpoint_step"] == 2
 
 
+def test_evaluate_scores_alike_from_workdir_bundle_and_server(trained, bundle_dir, server,
+                                                              engine, tmp_path):
+  """`ragjax evaluate` (TruthfulQA MC by log-likelihood) gives the same per-choice scores from
+  the workdir, its bundle and the server serving it, equal to the engine's RAG marginal (checked
+  against numpy above), and MC1 / MC2 recomputed by hand from them."""
+  url, _, _ = server
+  titles = [p.title for p in engine.system.passages[:3]]
+  rows = [{"question": f"Where was {t} born?",
+           "mc1_targets": {"tbilisi": 1, "paris": 0, "a city by the sea": 0},
+           "mc2_targets": {"tbilisi": 1, "oslo": 1, "paris": 0}} for t in titles]
+  data = tmp_path / "tqa.json"
+  data.write_text(json.dumps(rows))
+  got = {}
+  for name, src in (("workdir", ["--workdir", str(trained)]), ("bundle", ["--bundle",
+                                                                       str(bundle_dir)]),
+                    ("server", ["--server", url])):
+    out = tmp_path / f"{name}.json"
+    assert main(["evaluate", *src, "--task", "truthfulqa_mc", "--data", str(data), "--out",
+                 str(out), "--batch-size", "4"]) == 0
+    result = json.loads(out.read_text())
+    recs = [json.loads(x) for x in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+    assert result["task"] == "truthfulqa_mc" and result["num_examples"] == 3 and len(recs) == 3
+    assert result["source"]["checkpoint_step"] == 2
+    got[name] = (result, recs)
+  for i, row in enumerate(rows):
+    want = dict(zip(["tbilisi", "paris", "a city by the sea", "oslo"],
+                    engine.score(row["question"], ["tbilisi", "paris", "a city by the sea",
+                                                   "oslo"])))
+    for name, (_, recs) in got.items():
+      lp = recs[i]["score"]["logprobs"]
+      np.testing.assert_allclose([lp[c] for c in want], list(want.values()), atol=1e-4,
+                                 err_msg=name)
+      assert recs[i]["passages"] == [p["id"] for p in engine.retrieve([row["question"]],
+                                                                      engine.system.reader_k)[0]]
+  mc1 = np.mean([float(max(["tbilisi", "paris", "a city by the sea"],
+                           key=lambda c, r=r: r["score"]["logprobs"][c]) == "tbilisi")
+                 for r in got["bundle"][1]])
+  mc2 = np.mean([np.exp(r["score"]["logprobs"]["tbilisi"]) / sum(
+      np.exp(r["score"]["logprobs"][c]) for c in ("tbilisi", "oslo", "paris")) +
+      np.exp(r["score"]["logprobs"]["oslo"]) / sum(
+      np.exp(r["score"]["logprobs"][c]) for c in ("tbilisi", "oslo", "paris"))
+      for r in got["bundle"][1]])
+  for name, (result, _) in got.items():
+    assert result["metrics"]["mc1"] == pytest.approx(mc1), name
+    assert result["metrics"]["mc2"] == pytest.approx(mc2, abs=1e-5), name
+
+
+def test_evaluate_open_qa_and_a_replaced_corpus(bundle_dir, engine, tmp_path, capsys):
+  """A QA task's predictions are the engine's answers and its EM the SQuAD EM of them; with
+  --corpus the system retrieves from the given passages, embedded by the bundle's encoder."""
+  ps = engine.system.passages[:4]
+  qs = [{"id": f"q{i}", "question": f"Where was {p.title} born?", "answers": [p.title]}
+        for i, p in enumerate(ps)]
+  data = tmp_path / "q.jsonl"
+  data.write_text("\n".join(json.dumps(q) for q in qs) + "\n")
+  out = tmp_path / "qa.json"
+  assert main(["evaluate", "--bundle", str(bundle_dir), "--task", "squad_open", "--data",
+               str(data), "--out", str(out), "--batch-size", "4", "--recall-ks", "1,2"]) == 0
+  result = json.loads(out.read_text())
+  recs = [json.loads(x) for x in (tmp_path / "qa.jsonl").read_text().splitlines()]
+  ref = engine.answer([q["question"] for q in qs])
+  assert [r["prediction"] for r in recs] == [a["answer"] for a in ref]
+  from ragjax.evaluation.metrics import exact_match
+  assert result["metrics"]["exact_match"] == pytest.approx(
+      np.mean([exact_match(a["answer"], [q["answers"][0]]) for a, q in zip(ref, qs)]))
+  assert set(result["metrics"]["answer_recall"]) == {"1", "2"}
+  other = tmp_path / "other.jsonl"
+  other.write_text("\n".join(json.dumps({"id": f"x{i}", "title": p.title, "text": p.text})
+                              for i, p in enumerate(ps)) + "\n")
+  out2 = tmp_path / "qa2.json"
+  assert main(["evaluate", "--bundle", str(bundle_dir), "--task", "squad_open", "--data",
+               str(data), "--corpus", str(other), "--out", str(out2), "--batch-size", "4",
+               "--recall-ks", "1,2"]) == 0
+  recs2 = [json.loads(x) for x in (tmp_path / "qa2.jsonl").read_text().splitlines()]
+  assert all(pid.startswith("x") for r in recs2 for pid in r["passages"])
+  # The same 4 passages under other ids: each question's top-1 among them is the first of them
+  # in its full-corpus ranking (the bundle's own index, searched all the way down).
+  rename = {p.id: f"x{i}" for i, p in enumerate(ps)}
+  for q, r2 in zip(qs, recs2):
+    full = engine.retrieve([q["question"]], engine.limits.max_retrieve_k)[0]
+    assert len(full) == len(engine.system.passages)
+    assert r2["passages"][0] == next(rename[p["id"]] for p in full if p["id"] in rename)
+  capsys.readouterr()
+  assert main(["evaluate", "--report", str(out), str(out2)]) == 0
+  assert capsys.readouterr().out.count("| squad_open |") == 2
+
+
 def test_sighup_reloads_and_a_bundle_that_does_not_load_is_409(server, bundle_dir):
   url, proc, _ = server
   q = {"question": "Where was anyone born?"}

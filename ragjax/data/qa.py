@@ -1,4 +1,5 @@
-"""Question sets: NQ-open, DPR qa.csv / JSONL, SQuAD, CuratedTREC, WebQuestions; plain or gzip.
+"""Question sets: NQ-open, DPR qa.csv / JSONL, SQuAD, CuratedTREC, WebQuestions, HotpotQA; plain
+or gzip.
 
 Each format becomes a stream of `Question`s; a bad record raises `DataError` naming file, line and
 field, or, with `skip_invalid=True`, is skipped and counted into `stats`.
@@ -19,7 +20,8 @@ from ragjax.data.corpus import ErrorPolicy, type_name
 from ragjax.errors import DataError
 
 QUESTION_FORMATS = ("questions_jsonl", "nq_open", "dpr_qa_csv", "squad", "curatedtrec_tsv",
-                    "dpr_jsonl", "webquestions")
+                    "dpr_jsonl", "webquestions", "hotpotqa")
+_HOTPOT_KEY = re.compile(r'\A\s*\[\s*\{[^{}]*"(_id|supporting_facts)"')
 _WS = re.compile(r"\s*")
 
 
@@ -50,7 +52,8 @@ def detect_question_format(path) -> str:
   """The question format of `path`, from its first bytes (and, for two cases, its name).
 
   Rules, on the first non-blank character of the (decompressed) file:
-    `[` -> 'webquestions' (brmson JSON list).
+    `[` -> 'hotpotqa' when the first object has an "_id" or "supporting_facts" key before any
+      nested object, else 'webquestions' (brmson JSON list).
     `{` -> 'squad' when the first key is "data" or "version"; otherwise JSON Lines, decided by
       the keys of the first parseable line: "answer" (singular), or only "question" ->
       'dpr_jsonl' when the file name contains "dpr", else 'nq_open'; "id" or "answers" ->
@@ -62,7 +65,7 @@ def detect_question_format(path) -> str:
   head = corpus.head_text(path).lstrip()
   dpr_or_nq = "dpr_jsonl" if "dpr" in pathlib.Path(path).name.lower() else "nq_open"
   if head.startswith("["):
-    return "webquestions"
+    return "hotpotqa" if _HOTPOT_KEY.match(head) else "webquestions"
   if head.startswith("{"):
     if corpus.first_json_key(head) in ("data", "version"):
       return "squad"
@@ -265,13 +268,14 @@ def _squad(path, policy, *, regex, require, squad_prefix):
         yield None, q
 
 
-def _iter_json_array(path) -> Iterator[tuple[int, object]]:
-  """(line where the element starts, element) for each element of a top-level JSON list."""
+def iter_json_array(path, expected: str = "objects") -> Iterator[tuple[int, object]]:
+  """(line where the element starts, element) for each element of a top-level JSON list.
+  Raises: DataError naming file and line (not a list: "expected a JSON list of `expected`")."""
   text = corpus.read_document(path)
   dec = json.JSONDecoder()
   i = _WS.match(text).end()
   if text[i:i + 1] != "[":
-    raise DataError("expected a JSON list of {qId, answers, qText} objects", path=path,
+    raise DataError(f"expected a JSON list of {expected}", path=path,
                     line=text.count("\n", 0, i) + 1)
   i = _WS.match(text, i + 1).end()
   line, last = 1, 0
@@ -299,7 +303,7 @@ def _iter_json_array(path) -> Iterator[tuple[int, object]]:
 
 def _webquestions(path, policy, *, regex, require):
   """brmson WebQuestions: a JSON list of `{"qId": str, "answers": [str], "qText": str}`."""
-  for line, obj in _iter_json_array(path):
+  for line, obj in iter_json_array(path, "{qId, answers, qText} objects"):
     try:
       if not isinstance(obj, dict):
         raise DataError(f"expected a JSON object, got {type_name(obj)}", path=path, line=line)
@@ -314,9 +318,39 @@ def _webquestions(path, policy, *, regex, require):
     yield line, q
 
 
+def _hotpotqa(path, policy, *, regex, require):
+  """HotpotQA (Yang et al. 2018) `hotpot_dev_*_v1.json`: a JSON list of `{"_id", "question",
+  "answer": str, "supporting_facts": [[title, sentence index]], "context", "type", "level"}`;
+  gold_passage_ids are the supporting facts' titles."""
+  for line, obj in iter_json_array(path, "{_id, question, answer} objects"):
+    try:
+      if not isinstance(obj, dict):
+        raise DataError(f"expected a JSON object, got {type_name(obj)}", path=path, line=line)
+      answer = obj.get("answer", MISSING)
+      if answer is MISSING and require:
+        raise DataError("missing; expected the answer string", path=path, line=line,
+                        field="answer")
+      if answer is not MISSING and not isinstance(answer, str):
+        raise DataError(f"expected a string, got {type_name(answer)}", path=path, line=line,
+                        field="answer")
+      answers = () if answer is MISSING else _answer_list(
+          [answer], path=path, line=line, field="answer", regex=regex, require=require)
+      facts = obj.get("supporting_facts") or []
+      titles = tuple(dict.fromkeys(f[0] for f in facts if isinstance(f, list) and f
+                                   and isinstance(f[0], str)))
+      q = Question(id=corpus.get_id(obj, "_id", path=path, line=line),
+                   question=_question_text(obj.get("question", MISSING), path=path, line=line),
+                   answers=answers, gold_passage_ids=titles, answers_are_regex=regex)
+    except DataError as e:
+      policy.bad(e)
+      continue
+    yield line, q
+
+
 _READERS = {"questions_jsonl": _questions_jsonl, "nq_open": _answer_jsonl,
             "dpr_jsonl": _answer_jsonl, "dpr_qa_csv": _dpr_qa_csv,
-            "curatedtrec_tsv": _curatedtrec_tsv, "squad": _squad, "webquestions": _webquestions}
+            "curatedtrec_tsv": _curatedtrec_tsv, "squad": _squad, "webquestions": _webquestions,
+            "hotpotqa": _hotpotqa}
 
 
 def _iter_questions(path, fmt, policy, *, require_answers, answers_are_regex, squad_prefix,
@@ -351,6 +385,8 @@ def iter_questions(path, fmt: str | None = None, *, require_answers: bool = True
         gold_passage_ids = (`corpus.squad_paragraph_id(squad_prefix, article, paragraph)`,).
       'curatedtrec_tsv': brmson id<TAB>type<TAB>question<TAB>regex, no quoting; regex answers.
       'webquestions': brmson JSON list `{"qId", "answers", "qText"}`.
+      'hotpotqa': HotpotQA JSON list `{"_id", "question", "answer"}`; gold_passage_ids = the
+        supporting facts' titles (HotpotQA's passages are titled paragraphs).
     require_answers: a question with no answers (or no answer field) is an error.
     skip_invalid: skip bad records (counted into `stats`) instead of raising.
     stats: optional dict filled in place with "records", "skipped", "errors".

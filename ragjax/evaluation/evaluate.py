@@ -25,11 +25,11 @@ from flax.linen import partitioning as nn_partitioning
 from jax.experimental import multihost_utils
 
 from ragjax.config import DECODINGS
-from ragjax.data.answers import has_answer, regex_match
+from ragjax.data.answers import has_answer
 from ragjax.data.qa import Question
 from ragjax.decoding import beam
 from ragjax.decoding.rag import rag_sequence_generate, rag_token_generate
-from ragjax.evaluation.metrics import exact_match, f1
+from ragjax.evaluation.metrics import qa_scores
 from ragjax.models.seq2seq import Seq2Seq
 from ragjax.retrieval.evaluate import recall_at_k, recall_report
 from ragjax.system.feed import Feeder
@@ -119,13 +119,9 @@ def evaluate(feeder: Feeder, params, questions: Sequence[Question], ecfg, step: 
   rows = np.concatenate(rows_all)
   em, f1s = [], []
   for q, pred in zip(questions, preds):
-    if q.answers_are_regex:
-      hit = float(any(regex_match(pred, a) for a in q.answers))
-      em.append(hit)
-      f1s.append(hit)
-    else:
-      em.append(exact_match(pred, q.answers))
-      f1s.append(f1(pred, q.answers))
+    e, f = qa_scores(pred, q.answers, q.answers_are_regex)
+    em.append(e)
+    f1s.append(f)
   out = {"step": int(step), "num_questions": len(questions), "decoding": ecfg.decoding,
          "loss": system.cfg.model.loss, "exact_match": float(np.mean(em)),
          "f1": float(np.mean(f1s))}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 from typing import Sequence
 
-from ragjax.data.answers import check_answers, normalize_answer
+from ragjax.data.answers import check_answers, normalize_answer, regex_match
 
 
 def exact_match(prediction: str, answers: Sequence[str]) -> float:
@@ -40,3 +40,13 @@ def f1(prediction: str, answers: Sequence[str]) -> float:
   check_answers(answers)
   pred = normalize_answer(prediction).split()
   return max(_token_f1(pred, normalize_answer(a).split()) for a in answers)
+
+
+def qa_scores(prediction: str, answers: Sequence[str], regex: bool = False) -> tuple[float, float]:
+  """`(exact match, F1)` of one prediction: SQuAD's `exact_match` and `f1` above, or for regex
+  answers (CuratedTREC, DPR's `regex_match`) EM = F1 = 1.0 when any pattern matches the
+  prediction. Raises: as `exact_match`; ValueError (a pattern that does not compile)."""
+  if regex:
+    hit = float(any(regex_match(prediction, a) for a in answers))
+    return hit, hit
+  return exact_match(prediction, answers), f1(prediction, answers)

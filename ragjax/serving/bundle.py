@@ -97,7 +97,10 @@ def checkpoint_params(workdir, step: int | None = None) -> tuple[int, dict, dict
   reader = Checkpointer.reader(pathlib.Path(workdir) / "checkpoints")
   steps = reader.all_steps()
   step = reader.latest_step() if step is None else int(step)
-  if step is None or step not in steps:
+  if not steps:
+    raise NotFoundError(f"{workdir}: no checkpoint yet (checkpoints/ holds no finished step); "
+                        "train it first, or give a workdir whose run has saved one")
+  if step not in steps:
     raise NotFoundError(f"{workdir}: no checkpoint at step {step} (steps: {steps})")
   reader.verify(step)  # a corrupt step is refused in one line, naming the file
   return step, reader.restore_subtree(step, ("params",)), reader.metadata(step)
