@@ -60,7 +60,13 @@ def cmd_make_bios(args):
   else:
     from ragjax.data.synthetic import write_bios as write
   check_writable(args.out, "--out")
+  if args.update_fraction and args.layout != "single":
+    raise UsageError("--update-fraction: only the single layout has an updated world")
   paths = write(args.out, args.num_people, seed=args.seed, eval_fraction=args.eval_fraction)
+  if args.update_fraction:
+    from ragjax.data.synthetic_updates import write_updated_world
+    paths.update(write_updated_world(args.out, args.num_people, args.seed, args.eval_fraction,
+                                     args.update_fraction, args.update_seed))
   for name, path in paths.items():
     print(f"{name}: {path}")
 
@@ -222,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--layout", choices=("single", "documents"), default="single",
                  help="single: one biography passage per person; documents: profile and news "
                  "documents in passages, names mostly in titles (default: %(default)s)")
+  p.add_argument("--update-fraction", type=float, default=0.0,
+                 help="also write an updated world (index hot-swap): this fraction of the "
+                 "people changed employer or birth city (corpus_updated.jsonl, "
+                 "changed_questions[_old].jsonl)")
+  p.add_argument("--update-seed", type=int, default=0)
   p.add_argument("--out", required=True)
 
   p = add("embed", retrieval_commands.embed, "embed a corpus into resumable shards with a manifest")

@@ -74,6 +74,9 @@ def _qa_task(name: str, default: str | None, fmt: str | None, description: str) 
 
 
 TASKS = (
+    _qa_task("qa", None, None, "any question file ragjax reads: questions JSON Lines {id, "
+             "question, answers}, NQ-open, DPR qa.csv, SQuAD, CuratedTREC, WebQuestions, "
+             "HotpotQA"),
     _qa_task("nq_open", "nq_open/NQ-open.dev.jsonl", None,
              "NQ-open JSON Lines {question, answer: [...]}"),
     _qa_task("triviaqa", "triviaqa_open/topics.dpr.trivia.test.txt.gz", None,
