@@ -214,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
   def corpus_args(p):
     p.add_argument("--split-words", type=int, default=0,
                    help="split documents into passages of this many words, title kept (DPR: 100)")
+    p.add_argument("--context", choices=("none", "first_sentence", "file"), default="none",
+                   help="prefix each passage with context about its document before embedding "
+                   "and indexing (contextual retrieval; default: %(default)s)")
+    p.add_argument("--context-file", help="with --context file: JSON Lines {id, context}")
 
   def retriever_args(p, default="minilm"):
     p.add_argument("--retriever", default=default,

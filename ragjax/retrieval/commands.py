@@ -9,7 +9,7 @@ import json
 import pathlib
 import time
 
-from ragjax.errors import IndexFormatError, UsageError
+from ragjax.errors import IndexFormatError, RagjaxError, UsageError
 from ragjax.fsutil import check_writable
 
 
@@ -26,21 +26,35 @@ def _params(pairs: list[str]) -> dict:
   return out
 
 
-def _load_corpus(path, skip_invalid: bool = False, split_words: int = 0, stats=None):
+def _load_corpus(path, skip_invalid: bool = False, split_words: int = 0, stats=None,
+                 context: str = "none", context_file=None):
   """A corpus file (any reader format), or a TFDS array_record directory from `ragjax store`
   (random access, streamed from disk). `split_words > 0` splits passages into DPR-style
-  ~N-word passages, title kept."""
+  ~N-word passages, title kept; `context` prefixes each with its document's context
+  (`ragjax.data.contextualize`)."""
   from ragjax.data import corpus
+  from ragjax.data.contextualize import contextualize
   if pathlib.Path(path).is_dir():
     from ragjax.data.tfds_store import CorpusSource
-    if split_words:
-      raise UsageError(f"{path}: --split-words applies to corpus files, not to a stored dataset")
+    if split_words or context != "none":
+      raise UsageError(f"{path}: --split-words and --context apply to corpus files, not to a "
+                       "stored dataset")
     return CorpusSource(path)
   passages = corpus.read_passages(path, skip_invalid=skip_invalid, stats=stats)
   if split_words:
     passages = [q for p in passages for q in corpus.split_document(p.id, p.title, p.text,
                                                                    split_words)]
-  return passages
+  try:
+    return contextualize(passages, context, context_file)
+  except RagjaxError:
+    raise
+  except ValueError as e:  # no --context-file for --context file
+    raise UsageError(f"--context {context}: {e}") from None
+
+
+def _corpus_kw(args) -> dict:
+  return {"split_words": args.split_words, "context": getattr(args, "context", "none"),
+          "context_file": getattr(args, "context_file", None)}
 
 
 def _load_retriever(spec: str, max_length: int | None):
@@ -52,7 +66,7 @@ def embed(args):
   from ragjax.retrieval.embed import embed_corpus
   check_writable(args.out, "--out")
   stats = {}
-  passages = _load_corpus(args.corpus, args.skip_invalid, args.split_words, stats)
+  passages = _load_corpus(args.corpus, args.skip_invalid, stats=stats, **_corpus_kw(args))
   retriever = _load_retriever(args.retriever, args.max_length)
   manifest = embed_corpus(retriever, passages, args.out, shard_size=args.shard_size,
                           batch_size=args.batch_size, dtype=args.dtype, input_stats=stats)
@@ -70,7 +84,7 @@ def index(args):
   check_writable(pathlib.Path(args.out).parent, f"--out {args.out}: its directory")
   params = _params(args.param)
   retriever = embeddings = None
-  passages = _load_corpus(args.corpus, split_words=args.split_words) if args.corpus else None
+  passages = _load_corpus(args.corpus, **_corpus_kw(args)) if args.corpus else None
   if args.embeddings:
     embeddings, ids, emb_manifest = load_embeddings(args.embeddings, passages, args.corpus)
     encoder = emb_manifest["encoder"]
@@ -92,6 +106,9 @@ def index(args):
     index.manifest["corpus_sha256"] = corpus_fingerprint(passages)
     index.manifest["corpus"] = str(pathlib.Path(args.corpus).resolve())
     index.manifest["split_words"] = args.split_words
+    index.manifest["context"] = args.context
+    index.manifest["context_file"] = (str(pathlib.Path(args.context_file).resolve())
+                                      if args.context_file else None)
   index.save(args.out)
   print(f"{args.kind} index of {index.count} passages published at {args.out} ({timings})")
 
@@ -103,7 +120,9 @@ def retrieve(args):
   if not corpus:
     raise UsageError(f"{args.index}: the index does not name its corpus; pass --corpus FILE")
   from ragjax.retrieval.embed import check_encoder, corpus_fingerprint
-  listed = _load_corpus(corpus, split_words=index.manifest.get("split_words", 0))
+  listed = _load_corpus(corpus, split_words=index.manifest.get("split_words", 0),
+                        context=index.manifest.get("context", "none"),
+                        context_file=index.manifest.get("context_file"))
   built_on = index.manifest.get("corpus_sha256")
   if built_on and built_on != corpus_fingerprint(listed):
     raise IndexFormatError(f"{args.index}: stale: {corpus} changed since the index was built "
@@ -135,7 +154,7 @@ def eval_retrieval(args):
   from ragjax.retrieval.evaluate import evaluate_retrieval
   if args.out:
     check_writable(pathlib.Path(args.out).parent, f"--out {args.out}: its directory")
-  passages = _load_corpus(args.corpus, split_words=args.split_words)
+  passages = _load_corpus(args.corpus, **_corpus_kw(args))
   questions = read_questions(args.questions)
   if args.limit_questions:
     questions = questions[:args.limit_questions]
