@@ -24,8 +24,9 @@ import ml_collections
 
 from ragjax import sharding
 from ragjax.config_checks import (  # noqa: F401 (re-exported: ragjax.config.READERS, ...)
-    DPR_NEGATIVES, READERS, RETRIEVER_LOSSES, _choice, config_file_errors, retrieved_k,
-    validate_dpr, validate_retriever_loss)
+    BIOS_LAYOUTS, CONTEXT_MODES, DATA_SOURCES, DPR_NEGATIVES, PRETRAIN_EXCLUDE,
+    PRETRAIN_OBJECTIVES, READERS, RETRIEVER_LOSSES, _choice, config_file_errors, retrieved_k,
+    validate_dpr, validate_retriever_loss, validate_sources)
 from ragjax.errors import ConfigError, DataError
 
 TOWERS = ("query_encoder", "passage_encoder", "generator")
@@ -35,10 +36,6 @@ DECODINGS = ("rag_token", "rag_sequence_fast", "rag_sequence_thorough")
 INDEX_KINDS = ("auto", "device", "scann", "exact_host")
 REFRESH_MODES = ("off", "async", "sync")
 LR_SCHEDULES = ("linear", "cosine", "constant")
-DATA_SOURCES = ("bios", "files", "squad_split")
-BIOS_LAYOUTS = ("single", "documents")
-PRETRAIN_OBJECTIVES = ("salient_span", "prefix_lm", "span_corruption")  # ragjax.objectives.pretraining
-PRETRAIN_EXCLUDE = ("passage", "document")
 
 
 def _literal(text: str):
@@ -155,6 +152,8 @@ def base_config() -> ml_collections.ConfigDict:
       seed=0,                     # example order: permutation per (seed, epoch)
       num_people=2000, bios_seed=0, eval_fraction=0.2,       # source=bios
       bios_layout="single",       # "single" | "documents" (source=bios; data.synthetic_docs)
+      passage_context="none",     # none | first_sentence | file: contextual retrieval
+      passage_context_file="",    # (data.contextualize), applied to every source's passages
       corpus="", train_questions="", eval_questions="",      # source=files
       squad="", num_eval_articles=10, split_seed=0,          # source=squad_split
       max_train_questions=0, max_eval_questions=0,           # 0 = all
@@ -370,7 +369,7 @@ def validate(cfg, mesh=None, *, data: bool = True) -> None:
     raise ConfigError(f"model.rerank_candidates={c}: expected K={k_r} < it (0: no "
                       "re-ranking)")
   if data:
-    _validate_sources(cfg)
+    validate_sources(cfg)
     _validate_init(cfg)
   if mesh is not None:
     _validate_mesh(cfg, mesh)
@@ -396,36 +395,6 @@ def _validate_refresh(cfg, frozen) -> None:
   if trainable and r.mode == "off":
     raise ConfigError("a trainable passage encoder needs index.refresh.mode 'async' or 'sync': "
                       "with 'off' the index would keep the initial encoder's embeddings")
-
-
-def _validate_sources(cfg) -> None:
-  d = cfg.data
-  if d.source not in DATA_SOURCES:
-    raise DataError("expected bios, files or squad_split", path=d.source, field="data.source")
-  if d.source == "bios":
-    _choice(d.get("bios_layout", "single"), BIOS_LAYOUTS, "data.bios_layout")
-  pre = d.get("pretrain", {})
-  if pre and pre.get("objective", "none") != "none":
-    _choice(pre.objective, PRETRAIN_OBJECTIVES + ("none",), "data.pretrain.objective")
-    _choice(pre.exclude, PRETRAIN_EXCLUDE, "data.pretrain.exclude")
-    if cfg.model.loss == "closed_book":
-      raise ConfigError("data.pretrain.objective: closed_book retrieves nothing to pretrain")
-  if d.source != "bios":
-    for key in ("corpus", "train_questions", "eval_questions") if d.source == "files" else (
-        "squad",):
-      if not d.get(key) or not pathlib.Path(d[key]).exists():
-        raise DataError("data path not found", path=d.get(key) or "<empty>",
-                        field=f"data.{key}")
-  init = cfg.retriever.init
-  if init not in ("minilm", "random") and not pathlib.Path(init).is_dir():
-    raise DataError("expected 'minilm', 'random' or a checkpoint directory", path=init,
-                    field="retriever.init")
-  kind, _, where = cfg.generator.init.partition(":")
-  if kind not in ("bert", "hf", "random"):
-    raise DataError("expected 'bert:minilm', 'bert:DIR', 'hf:DIR' or 'random'",
-                    path=cfg.generator.init, field="generator.init")
-  if kind == "hf" and not pathlib.Path(where).is_dir():
-    raise DataError("no such checkpoint directory", path=where, field="generator.init")
 
 
 def shape_config(cfg) -> dict:

@@ -1,17 +1,23 @@
-"""The model-objective checks of `ragjax.config.validate` (retriever losses, readers and their
-options, the retriever-only DPR job; each raises ConfigError naming the key) and the names and
-helpers they need, re-exported by `ragjax.config`."""
+"""The model-objective and data-source checks of `ragjax.config.validate` (retriever losses,
+readers and their options, the retriever-only DPR job, data sources and initialisations; each
+raises ConfigError or DataError naming the key) and the names and helpers they need, re-exported
+by `ragjax.config`."""
 from __future__ import annotations
 
 import contextlib
 import pathlib
 import traceback
 
-from ragjax.errors import ConfigError, RagjaxError
+from ragjax.errors import ConfigError, DataError, RagjaxError
 
 RETRIEVER_LOSSES = ("none", "pdist", "emdr2", "loop", "adist")
 READERS = ("rag", "fid")
 DPR_NEGATIVES = ("index", "bm25")  # where a DPR job mines its hard negatives
+DATA_SOURCES = ("bios", "files", "squad_split")
+BIOS_LAYOUTS = ("single", "documents")
+PRETRAIN_OBJECTIVES = ("salient_span", "prefix_lm", "span_corruption")  # ragjax.objectives.pretraining
+PRETRAIN_EXCLUDE = ("passage", "document")
+CONTEXT_MODES = ("none", "first_sentence", "file")  # ragjax.data.contextualize
 
 
 def _choice(value, options, key: str) -> None:
@@ -105,3 +111,40 @@ def config_file_errors(file: pathlib.Path, doing: str):
              if str(pathlib.Path(f.filename).resolve()) == here]
     where = f"{file}:{lines[-1]}" if lines else str(file)
     raise ConfigError(f"config file {where}: {type(e).__name__} while {doing}: {e}") from None
+
+
+def validate_sources(cfg) -> None:
+  """`cfg.data` and the towers' `init` paths (DataError / ConfigError naming the key)."""
+  d = cfg.data
+  if d.source not in DATA_SOURCES:
+    raise DataError("expected bios, files or squad_split", path=d.source, field="data.source")
+  if d.source == "bios":
+    _choice(d.get("bios_layout", "single"), BIOS_LAYOUTS, "data.bios_layout")
+  _choice(d.get("passage_context", "none"), CONTEXT_MODES, "data.passage_context")
+  if d.get("passage_context") == "file" and not pathlib.Path(
+      d.get("passage_context_file") or "").is_file():
+    raise DataError("expected a JSON Lines file of {id, context}",
+                    path=d.get("passage_context_file") or "<empty>",
+                    field="data.passage_context_file")
+  pre = d.get("pretrain", {})
+  if pre and pre.get("objective", "none") != "none":
+    _choice(pre.objective, PRETRAIN_OBJECTIVES + ("none",), "data.pretrain.objective")
+    _choice(pre.exclude, PRETRAIN_EXCLUDE, "data.pretrain.exclude")
+    if cfg.model.loss == "closed_book":
+      raise ConfigError("data.pretrain.objective: closed_book retrieves nothing to pretrain")
+  if d.source != "bios":
+    for key in ("corpus", "train_questions", "eval_questions") if d.source == "files" else (
+        "squad",):
+      if not d.get(key) or not pathlib.Path(d[key]).exists():
+        raise DataError("data path not found", path=d.get(key) or "<empty>",
+                        field=f"data.{key}")
+  init = cfg.retriever.init
+  if init not in ("minilm", "random") and not pathlib.Path(init).is_dir():
+    raise DataError("expected 'minilm', 'random' or a checkpoint directory", path=init,
+                    field="retriever.init")
+  kind, _, where = cfg.generator.init.partition(":")
+  if kind not in ("bert", "hf", "random"):
+    raise DataError("expected 'bert:minilm', 'bert:DIR', 'hf:DIR' or 'random'",
+                    path=cfg.generator.init, field="generator.init")
+  if kind == "hf" and not pathlib.Path(where).is_dir():
+    raise DataError("no such checkpoint directory", path=where, field="generator.init")

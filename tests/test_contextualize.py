@@ -68,3 +68,23 @@ def test_eval_retrieval_reads_the_contextualised_corpus(tmp_path, capsys):
   assert main(["eval-retrieval", "--corpus", str(corpus), "--questions", str(q), "--retriever",
                "bm25", "--context", "file"]) == 2
   assert "--context file: context mode 'file' needs a context file" in capsys.readouterr().err
+
+
+def test_config_key_applies_to_every_source_and_is_checked(tmp_path):
+  from ragjax import config as config_lib
+  from ragjax.data.sources import load_data
+  from ragjax.errors import ConfigError
+  cfg = config_lib.load_config("experiments/bios.py:smoke")
+  cfg.data.bios_layout = "documents"
+  plain = load_data(cfg)[0]
+  cfg.data.passage_context = "first_sentence"
+  config_lib.validate(cfg, data=True)
+  ctx = load_data(cfg)[0]
+  assert [p.text for p in ctx] == [p.text for p in contextualize(plain, "first_sentence")]
+  assert sum(a.text != b.text for a, b in zip(ctx, plain)) > len(plain) // 2
+  cfg.data.passage_context = "bogus"
+  with pytest.raises(ConfigError, match="data.passage_context 'bogus': expected one of"):
+    config_lib.validate(cfg, data=True)
+  cfg.data.passage_context = "file"
+  with pytest.raises(DataError, match=r"field 'data.passage_context_file': expected a JSON"):
+    config_lib.validate(cfg, data=True)

@@ -20,11 +20,11 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
+from ragjax.config_checks import CONTEXT_MODES  # none | first_sentence | file
 from ragjax.data import corpus
 from ragjax.data.corpus import ErrorPolicy, Passage
 from ragjax.errors import DataError
 
-CONTEXT_MODES = ("none", "first_sentence", "file")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
 
 

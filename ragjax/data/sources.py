@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ragjax.config import DATA_SOURCES
+from ragjax.data.contextualize import contextualize
 from ragjax.data.corpus import Passage, read_passages
 from ragjax.data.qa import Question, read_questions
 from ragjax.data.splits import squad_article_split
@@ -42,6 +43,8 @@ def load_data(cfg) -> tuple[list[Passage], list[Question], list[Question]]:
                                                  seed=int(d.split_seed))
   else:  # `ragjax.config.validate` names the key; this keeps a direct call honest
     raise DataError(f"expected one of {DATA_SOURCES}", path=d.source, field="data.source")
+  passages = contextualize(passages, d.get("passage_context", "none"),
+                           d.get("passage_context_file") or None)
   if d.max_train_questions:
     train = train[:int(d.max_train_questions)]
   if d.max_eval_questions:
