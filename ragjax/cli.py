@@ -11,6 +11,7 @@
   ragjax generate --workdir runs/bios "Where was Amara Costa born?"
   ragjax export --workdir runs/bios --out bundles/bios [--format hf]   # serving bundle / HF dirs
   ragjax serve bundles/bios --port 8000 [--follow runs/bios]          # HTTP: /v1/answer, ...
+  ragjax evaluate --bundle bundles/bios --task truthfulqa_mc --out r.json  # the suite's tasks
 """
 from __future__ import annotations
 
