@@ -25,8 +25,8 @@ import ml_collections
 from ragjax import sharding
 from ragjax.config_checks import (  # noqa: F401 (re-exported: ragjax.config.READERS, ...)
     BIOS_LAYOUTS, CONTEXT_MODES, DATA_SOURCES, DPR_NEGATIVES, PRETRAIN_EXCLUDE,
-    PRETRAIN_OBJECTIVES, READERS, RETRIEVER_LOSSES, _choice, config_file_errors, retrieved_k,
-    validate_dpr, validate_retriever_loss, validate_sources)
+    PRETRAIN_OBJECTIVES, READERS, RETRIEVER_LOSSES, _choice, check_indexer_placement,
+    config_file_errors, retrieved_k, validate_dpr, validate_retriever_loss, validate_sources)
 from ragjax.errors import ConfigError, DataError
 
 TOWERS = ("query_encoder", "passage_encoder", "generator")
@@ -220,7 +220,8 @@ def base_config() -> ml_collections.ConfigDict:
           num_shards=1, poll_seconds=1.0, keep_versions=3, shard_size=1024,
           idle_timeout=1800.0,    # a spawned indexer exits after this long without work
           indexer_nice=0,         # os.nice() of spawned indexers (trainer keeps priority)
-          indexer_env=dict()))    # extra environment of spawned indexers (e.g. XLA_FLAGS)
+          indexer_env=dict(),     # extra environment of spawned indexers (e.g. XLA_FLAGS)
+          indexer_device="auto")) # auto: refuse to spawn beside an accelerator trainer | cpu
   c.optim = dict(
       learning_rate=1e-4, warmup_steps=100, schedule="linear", end_lr_fraction=0.0,
       weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, clip_grad_norm=1.0,

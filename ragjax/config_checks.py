@@ -148,3 +148,33 @@ def validate_sources(cfg) -> None:
                     path=cfg.generator.init, field="generator.init")
   if kind == "hf" and not pathlib.Path(where).is_dir():
     raise DataError("no such checkpoint directory", path=where, field="generator.init")
+
+
+INDEXER_DEVICES = ("auto", "cpu")
+
+
+def check_indexer_placement(r, platform: str) -> None:
+  """An asynchronous trainer that spawns its indexer on a host whose accelerators (`platform`
+  of the mesh's devices: "gpu", "tpu", ...) it trains on would have the indexer compete for
+  them. Refused unless `index.refresh.indexer_device="cpu"` (the spawned workers then see no
+  accelerator: `indexer_spawn_env`). Raises: ConfigError saying how to start them apart."""
+  device = r.get("indexer_device", "auto")
+  _choice(device, INDEXER_DEVICES, "index.refresh.indexer_device")
+  if r.mode != "async" or not r.get("spawn_indexer", True) or platform == "cpu":
+    return
+  if device == "auto":
+    raise ConfigError(
+        f"index.refresh.spawn_indexer: this trainer runs on the host's {platform} devices and a "
+        "spawned indexer would compete for them. Start the indexer workers apart (`ragjax "
+        "indexer --workdir W --shard i --num-shards n` on other hosts or node pools; "
+        "launch/README.md) with --config.index.refresh.spawn_indexer=false, or spawn them on "
+        "this host's CPU with --config.index.refresh.indexer_device=cpu")
+
+
+def indexer_spawn_env(r) -> dict[str, str]:
+  """Environment for a spawned indexer: `index.refresh.indexer_env`, and with
+  `indexer_device="cpu"` no accelerator visible (JAX on the CPU, CUDA and TPU chips hidden)."""
+  env = {k: str(v) for k, v in dict(r.get("indexer_env", {})).items()}
+  if r.get("indexer_device", "auto") == "cpu":
+    env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", TPU_VISIBLE_CHIPS="")
+  return env

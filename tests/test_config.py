@@ -2,6 +2,7 @@
 import ml_collections
 import pytest
 
+from ragjax import config as config_lib
 from ragjax.config import apply_overrides, load_config, parse_arg
 from ragjax.errors import ConfigError
 
@@ -103,3 +104,26 @@ def test_the_loss_names_validate_accepts_are_the_losses_that_exist():
     assert callable(rag_losses.get_loss_fn(name))
   with pytest.raises(ValueError, match="unknown loss"):
     rag_losses.get_loss_fn("rag_tokn")
+
+
+def test_a_spawned_indexer_never_competes_for_the_trainers_accelerators():
+  """On an accelerator host an async trainer refuses to spawn its indexer unless told to pin it
+  to the CPU, whose environment then hides every accelerator; on a CPU host it spawns."""
+  from ragjax.config_checks import indexer_spawn_env
+  cfg = config_lib.load_config("experiments/bios.py:smoke")
+  r = cfg.index.refresh
+  r.mode = "async"
+  config_lib.check_indexer_placement(r, "cpu")
+  with pytest.raises(ConfigError, match=r"runs on the host's gpu devices .* "
+                                        r"--config.index.refresh.indexer_device=cpu"):
+    config_lib.check_indexer_placement(r, "gpu")
+  r.spawn_indexer = False
+  config_lib.check_indexer_placement(r, "tpu")  # workers started apart
+  r.spawn_indexer, r.indexer_device = True, "cpu"
+  config_lib.check_indexer_placement(r, "gpu")
+  r.indexer_env = {"XLA_FLAGS": "--foo"}
+  assert indexer_spawn_env(r) == {"XLA_FLAGS": "--foo", "JAX_PLATFORMS": "cpu",
+                                  "CUDA_VISIBLE_DEVICES": "", "TPU_VISIBLE_CHIPS": ""}
+  r.indexer_device = "gpu0"
+  with pytest.raises(ConfigError, match="index.refresh.indexer_device 'gpu0'"):
+    config_lib.check_indexer_placement(r, "gpu")

@@ -29,6 +29,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from ragjax import config as config_lib
+from ragjax.config_checks import indexer_spawn_env
 from ragjax.joint import versions
 from ragjax.retrieval.embed import corpus_fingerprint
 
@@ -128,7 +129,7 @@ class IndexRefresh:
              "--poll-seconds", str(self.r.poll_seconds),
              "--idle-timeout", str(self.r.idle_timeout), "--nice", str(self.r.indexer_nice)]
       log_file = open(self.workdir / f"indexer-{shard}.log", "a")
-      env = {**os.environ, **{k: str(v) for k, v in dict(self.r.indexer_env).items()}}
+      env = {**os.environ, **indexer_spawn_env(self.r)}
       self.proc.append(subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
                                         env=env, start_new_session=True))
       log_file.close()

@@ -59,6 +59,7 @@ class Run:
     config_lib.validate(cfg)                  # before any device, data or array is touched
     self.mesh, self.rules = build_mesh(cfg)
     config_lib.validate(cfg, self.mesh)       # the batch splits over this mesh
+    config_lib.check_indexer_placement(cfg.index.refresh, self.mesh.devices.flat[0].platform)
     self.system = build_system(cfg)
     self.init_step, self.init_index_version = self._init_from_workdir()
     self.model = self.system.model
