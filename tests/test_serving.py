@@ -329,6 +329,28 @@ def test_evaluate_open_qa_and_a_replaced_corpus(bundle_dir, engine, tmp_path, ca
   assert capsys.readouterr().out.count("| squad_open |") == 2
 
 
+def test_export_with_a_replaced_corpus(trained, engine, tmp_path):
+  """`ragjax export --corpus`: the bundle serves the given passages (index hot-swap), embedded
+  by the checkpoint's passage encoder: the same vectors as the original bundle's for the passages
+  it shares, a new vector for the edited one."""
+  ps = engine.system.passages
+  edited = [{"id": p.id, "title": p.title, "text": p.text if i else p.text + " She moved to Oslo."}
+            for i, p in enumerate(ps[:10])]
+  corpus = tmp_path / "updated.jsonl"
+  corpus.write_text("\n".join(json.dumps(r) for r in edited) + "\n")
+  out = tmp_path / "swapped"
+  assert main(["export", "--workdir", str(trained), "--out", str(out), "--corpus",
+               str(corpus)]) == 0
+  b = bundle_lib.load_bundle(out)
+  assert b.manifest["corpus_replaced"] and b.manifest["index_version"] is None
+  assert [p.id for p in b.system.passages] == [r["id"] for r in edited]
+  assert b.system.passages[0].text.endswith("She moved to Oslo.")
+  np.testing.assert_allclose(b.embeddings[1:], engine.bundle.embeddings[1:10], atol=1e-5)
+  assert np.abs(b.embeddings[0] - engine.bundle.embeddings[0]).max() > 1e-3
+  hits = Engine(b, buckets=(1,)).retrieve([f"Where was {ps[3].title} born?"], 3)[0]
+  assert {h["id"] for h in hits} <= {r["id"] for r in edited}
+
+
 def test_sighup_reloads_and_a_bundle_that_does_not_load_is_409(server, bundle_dir):
   url, proc, _ = server
   q = {"question": "Where was anyone born?"}

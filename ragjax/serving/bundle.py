@@ -150,17 +150,27 @@ def index_embeddings(workdir, system: RagSystem, params: dict, meta: dict, step:
   return np.asarray(emb, np.float32), None, step
 
 
-def export_bundle(workdir, out, step: int | None = None) -> dict:
+def export_bundle(workdir, out, step: int | None = None, passages=None) -> dict:
   """Write the serving bundle of `workdir`'s checkpoint `step` (newest by default) to `out`
-  atomically and return its manifest (module docstring).
+  atomically and return its manifest (module docstring). `passages` replaces the run's corpus
+  (index hot-swap, Lewis et al. 2020 §4.5): embedded by the checkpoint's passage encoder, no
+  index version; a server of `out` picks it up on reload.
 
   Raises: NotFoundError (no checkpoint), ConfigError / DataError (the run's config or data),
-  IndexFormatError (its index version does not match the corpus).
+  IndexFormatError (its index version does not match the corpus), BundleError (`passages` for a
+  closed-book run).
   """
   workdir, out = pathlib.Path(workdir), pathlib.Path(out)
   cfg = config_lib.load_workdir_config(workdir)
   step, params, meta = checkpoint_params(workdir, step)
   system = build_system(cfg)
+  if passages is not None:
+    if system.closed_book:
+      raise BundleError(f"--corpus: {workdir} is closed-book (model.loss=closed_book); it reads "
+                        "no passages")
+    system = dataclasses.replace(system, passages=list(passages), tables=passage_tables(
+        passages, system.gen_tok, int(cfg.model.context_max_length)), _bm25=None)
+    meta = {k: v for k, v in meta.items() if k != "index_version"}  # embedded here, below
   if system.closed_book:
     emb, version, embedded = np.zeros((0, system.retriever.dim), np.float32), None, step
   else:
@@ -202,6 +212,7 @@ def export_bundle(workdir, out, step: int | None = None) -> dict:
                 "index_version": version, "index_embedded_step": int(embedded),
                 "index_kind": "scann" if kind == "scann" else "exact",
                 "num_passages": len(ids), "source_workdir": str(workdir.resolve()),
+                "corpus_replaced": passages is not None,
                 "eval": _last_eval(workdir, step), "versions": _versions(),
                 "created_unix": time.time(), "files": files}
     write_json_atomic(tmp / "manifest.json", manifest)

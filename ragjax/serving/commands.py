@@ -14,6 +14,8 @@ def add_parsers(add, ks, setup_logging) -> None:
   p.add_argument("--out", required=True)
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
   p.add_argument("--format", choices=("bundle", "hf"), default="bundle")
+  p.add_argument("--corpus", help="serve these passages instead of the run's (index hot-swap: "
+                 "embedded by the checkpoint's passage encoder); bundle format only")
 
   p = add("evaluate", logged(evaluate), "run one benchmark of the evaluation suite on a "
           "workdir, bundle or server: OUT.json (metrics, config) + OUT.jsonl (per example); "
@@ -84,13 +86,20 @@ def evaluate(args):
 
 def export(args):
   import pathlib
+  from ragjax.errors import UsageError
   from ragjax.fsutil import check_writable
   from ragjax.serving import bundle
   check_writable(pathlib.Path(args.out).parent, f"--out {args.out}: its directory")
   if args.format == "hf":
+    if args.corpus:
+      raise UsageError("--corpus: only for --format bundle (HF directories hold no corpus)")
     report = bundle.export_hf(args.workdir, args.out, args.step)
   else:
-    manifest = bundle.export_bundle(args.workdir, args.out, args.step)
+    passages = None
+    if args.corpus:
+      from ragjax.data.corpus import read_passages
+      passages = read_passages(args.corpus)
+    manifest = bundle.export_bundle(args.workdir, args.out, args.step, passages)
     report = {k: manifest[k] for k in ("checkpoint_step", "index_version", "index_embedded_step",
                                        "index_kind", "num_passages")}
     report["files"] = len(manifest["files"])
