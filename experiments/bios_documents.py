@@ -21,8 +21,20 @@ row), exact top-k on the device, eval on 200 held-out questions every `steps / 4
 
   ragjax train --config experiments/bios_documents.py:row=frozen,steps=1500 --workdir runs/docs_frozen
 
-The measured results of each row are in README ("RAG 2.0 on the documents benchmark"). In
-short (2026-12-02, 2-core Intel Xeon, AVX-512):
+`reader=W` starts the generator from a `ragjax train` workdir W whose generator already reads
+(init.from_workdir=W, init.towers=("generator",)); the 2026-12-03 rows use W =
+runs/bios_reader_s1, the main job on other people (`experiments/bios.py:steps=2000
+--config.data.bios_seed=1`, EM 0.918). Measured then (2-core AMD EPYC, AVX-512 with bf16,
+600 steps, `bench/rag2_table.py`):
+- row=frozen,reader=W: EM 0.435, F1 0.471, recall@1/@2 0.335/0.540 (EM 0.205 / 0.350 / 0.435 /
+  0.435 at steps 150-600), 14 min 51 s beside the test suite.
+- row=joint,in_batch=True,reader=W: collapsed, recall@2 0.325 and EM 0.040 at step 150 (entropy
+  ln 4 by step 100); 0.86 examples/s. The cause, measured by `bench/adist_target.py`: at
+  target_temperature 0.01 the ADist target of this reader is flat (entropy 1.3818 of ln 4 over
+  K_r = 4) although its argmax finds an answer passage for 62.5% of the questions against the
+  retriever's 35.9% (README).
+
+The first rows, 2026-12-02, 2-core Intel Xeon, AVX-512 (generator from MiniLM, no reader=):
 - row=frozen, steps=1000: EM 0.020, F1 0.093, answer recall@1/@2/@4 0.335/0.540/0.745, in
   18 min 3 s. The generator does not read yet.
 - row=query_ft: stopped at step 250 after a collapse, recall@2 0.040, with the top-1 of all
