@@ -32,7 +32,9 @@ runs/bios_reader_s1, the main job on other people (`experiments/bios.py:steps=20
   ln 4 by step 100); 0.86 examples/s. The cause, measured by `bench/adist_target.py`: at
   target_temperature 0.01 the ADist target of this reader is flat (entropy 1.3818 of ln 4 over
   K_r = 4) although its argmax finds an answer passage for 62.5% of the questions against the
-  retriever's 35.9% (README).
+  retriever's 35.9% (README). Not the whole cause: T_t = 0.0002, the null baseline, and T_t =
+  0.0002 from the frozen row's adapted reader (init.from_workdir) all collapsed by step 150
+  (recall@2 0.025 / 0.045 / 0.040, recall@50 0.58 / 0.555 / 0.55).
 
 The first rows, 2026-12-02, 2-core Intel Xeon, AVX-512 (generator from MiniLM, no reader=):
 - row=frozen, steps=1000: EM 0.020, F1 0.093, answer recall@1/@2/@4 0.335/0.540/0.745, in
