@@ -175,6 +175,14 @@ def test_fid_loss_nll_and_adist_against_transformers(readers):
   want = _kl(scores, target, 0.5, 0.01)
   assert abs(float(aux_ad["retriever_loss"]) - want) <= 1e-5 * max(1.0, abs(want))
   assert abs(float(loss_ad) - float(loss_none) - want) <= 1e-4
+  # The distilled target's entropy (logged every step: a flat ADist target collapses the
+  # retriever, README) and how often its top passage is the retriever's.
+  lt = target / 0.01 - (target / 0.01).max(1, keepdims=True)
+  lt = lt - np.log(np.exp(lt).sum(1, keepdims=True))
+  np.testing.assert_allclose(float(aux_ad["target_entropy"]),
+                             np.mean(-(np.exp(lt) * lt).sum(1)), rtol=1e-4, atol=1e-6)
+  assert float(aux_ad["target_top1_is_retriever_top1"]) == pytest.approx(
+      np.mean(target.argmax(1) == scores.argmax(1)))
   # In-batch negatives: every other example's passages join the retriever's softmax with no
   # target mass (rows: distinct passages, except example 1 repeats example 0's first passage,
   # which is then not its negative); Atlas's mean stays over the B*K scored passages.

@@ -200,9 +200,13 @@ def _retriever_term(model, params, batch, scores_bk, sown, name, t_retr, t_tgt, 
     attn, vnorm = cross_attention_of(sown["intermediates"], k_r, length)
     target_bk = retriever_losses.aggregate_cross_attention(
         sg(attn), cmask_bkl, mask_bt, value_norm_nbhkl=sg(vnorm))
+    logp_t_bk = jax.nn.log_softmax(target_bk / t_tgt, axis=-1)   # the distilled target
+    diag = {"target_entropy": jnp.mean(-jnp.sum(jnp.exp(logp_t_bk) * logp_t_bk, axis=-1)),
+            "target_top1_is_retriever_top1": jnp.mean(
+                (jnp.argmax(target_bk, -1) == jnp.argmax(sg(scores_bk), -1)).astype(jnp.float32))}
     return kl_scale * retriever_losses.attention_distillation_loss(
         obj_scores, pad(target_bk), retriever_temperature=t_retr, target_temperature=t_tgt,
-        null_baseline=null_baseline, reduce=kl_reduce), {}
+        null_baseline=null_baseline, reduce=kl_reduce), diag
   enc_bse, fmask_bs = model.apply({"params": sg(params)}, ids_bkl, cmask_bkl, method=fid_encode)
   enc_bse = sg(enc_bse)
   eye_kk = jnp.eye(k_r, dtype=bool)
