@@ -23,6 +23,7 @@ import pathlib
 import sys
 import traceback
 
+from ragjax.config_checks import CONTEXT_MODES
 from ragjax.errors import RagjaxError, UsageError
 from ragjax.fsutil import check_writable
 from ragjax.retrieval import commands as retrieval_commands  # imports its libraries on use
@@ -215,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
   def corpus_args(p):
     p.add_argument("--split-words", type=int, default=0,
                    help="split documents into passages of this many words, title kept (DPR: 100)")
-    p.add_argument("--context", choices=("none", "first_sentence", "file"), default="none",
+    p.add_argument("--context", choices=CONTEXT_MODES, default="none",
                    help="prefix each passage with context about its document before embedding "
                    "and indexing (contextual retrieval; default: %(default)s)")
     p.add_argument("--context-file", help="with --context file: JSON Lines {id, context}")

@@ -143,11 +143,17 @@ def index_embeddings(workdir, system: RagSystem, params: dict, meta: dict, step:
         workdir, int(version), expect_count=len(system.passages), expect_dim=system.retriever.dim,
         expect_corpus=corpus_fingerprint(system.passages))
     return emb, int(version), int(manifest["checkpoint_step"])
+  return embed_corpus(system, params), None, step
+
+
+def embed_corpus(system: RagSystem, params: dict) -> np.ndarray:
+  """`system.passages` embedded by the passage encoder of `params` (a checkpoint's or a
+  bundle's, holding `bi_encoder`): `[N, D]` float32."""
   ret = system.retriever
   ret.params = {t: params["bi_encoder"][t] for t in ("query_encoder", "passage_encoder")}
   emb = ret.encode_passages([p.title for p in system.passages], [p.text for p in system.passages],
                             batch_size=int(system.cfg.retriever.embed_batch_size))
-  return np.asarray(emb, np.float32), None, step
+  return np.asarray(emb, np.float32)
 
 
 def export_bundle(workdir, out, step: int | None = None, passages=None) -> dict:
@@ -168,8 +174,7 @@ def export_bundle(workdir, out, step: int | None = None, passages=None) -> dict:
     if system.closed_book:
       raise BundleError(f"--corpus: {workdir} is closed-book (model.loss=closed_book); it reads "
                         "no passages")
-    system = dataclasses.replace(system, passages=list(passages), tables=passage_tables(
-        passages, system.gen_tok, int(cfg.model.context_max_length)), _bm25=None)
+    system = system.with_passages(passages)
     meta = {k: v for k, v in meta.items() if k != "index_version"}  # embedded here, below
   if system.closed_book:
     emb, version, embedded = np.zeros((0, system.retriever.dim), np.float32), None, step

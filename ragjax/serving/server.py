@@ -32,7 +32,6 @@ import pathlib
 import signal
 import threading
 import time
-from typing import Literal
 
 import prometheus_client as prom
 from fastapi import FastAPI, HTTPException, Request

@@ -33,7 +33,6 @@ from ragjax.evaluation.tasks import Scorer, get_task
 from ragjax.fsutil import atomic_file, write_json_atomic
 from ragjax.serving import bundle as bundle_lib
 from ragjax.serving.engine import Engine
-from ragjax.system.inputs import passage_tables
 
 log = logging.getLogger("ragjax")
 DEFAULT_RECALL_KS = (1, 5, 20)
@@ -111,16 +110,11 @@ def with_corpus(bundle: bundle_lib.Bundle, passages: list) -> bundle_lib.Bundle:
   if system.closed_book:
     raise UsageError("--corpus: this bundle is closed-book (model.loss=closed_book); it reads "
                      "no passages")
-  ret = system.retriever
-  ret.params = dict(bundle.params["bi_encoder"])
+  new = system.with_passages(passages)
   t0 = time.perf_counter()
-  emb = np.asarray(ret.encode_passages([p.title for p in passages], [p.text for p in passages],
-                                       batch_size=int(system.cfg.retriever.embed_batch_size)),
-                   np.float32)
+  emb = bundle_lib.embed_corpus(new, bundle.params)
   log.info("corpus: %d passages embedded by the bundle's passage encoder in %.1f s",
            len(passages), time.perf_counter() - t0)
-  tables = passage_tables(passages, system.gen_tok, int(system.cfg.model.context_max_length))
-  new = dataclasses.replace(system, passages=list(passages), tables=tables, _bm25=None)
   manifest = {**bundle.manifest, "index_kind": "exact", "index_version": None}
   return dataclasses.replace(bundle, system=new, embeddings=emb, index=None, manifest=manifest)
 

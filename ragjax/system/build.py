@@ -76,6 +76,12 @@ class RagSystem:
   def closed_book(self) -> bool:
     return self.cfg.model.loss == "closed_book"
 
+  def with_passages(self, passages: Sequence[Passage]) -> "RagSystem":
+    """This system reading `passages` instead of its corpus (new generator context tables, no
+    BM25 index until one is asked for); embedding them is the caller's."""
+    return dataclasses.replace(self, passages=list(passages), _bm25=None, tables=passage_tables(
+        passages, self.gen_tok, int(self.cfg.model.context_max_length)))
+
   # -------------------------------------------------------------------------------- batches
 
   def question_batch(self, questions: Sequence[Question]) -> dict[str, np.ndarray]:

@@ -100,8 +100,19 @@ def batches(items: Sequence, size: int):
 def read_passages(scorer: Scorer, examples: Sequence[Example]) -> list[list[str]]:
   """The ids of the passages the reader reads for each question (none when closed-book)."""
   k = min(scorer.reader_k, scorer.max_retrieve_k)
+  return [[p["id"] for p in r] for r in retrieve_all(scorer, examples, k)]
+
+
+def retrieval_depth(scorer: Scorer, recall_ks: Sequence[int]) -> int:
+  """How deep to search for recall@k over `recall_ks`: the largest k, capped at the system's
+  deepest search (0 for a closed-book system)."""
+  return min(max(recall_ks, default=0), scorer.max_retrieve_k)
+
+
+def retrieve_all(scorer: Scorer, examples: Sequence[Example], k: int) -> list[list[dict]]:
+  """The top `k` passages of every example's question, best first, in `scorer.max_batch`
+  chunks (an empty list per example when `k` is 0)."""
   if not k:
     return [[] for _ in examples]
   texts = [e.question.question for e in examples]
-  return [[p["id"] for p in r] for chunk in batches(texts, scorer.max_batch)
-          for r in scorer.retrieve(list(chunk), k)]
+  return [r for chunk in batches(texts, scorer.max_batch) for r in scorer.retrieve(list(chunk), k)]

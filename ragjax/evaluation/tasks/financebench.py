@@ -22,7 +22,7 @@ from ragjax.data import corpus
 from ragjax.data.corpus import ErrorPolicy, Passage, split_document, type_name
 from ragjax.data.qa import Question
 from ragjax.errors import DataError
-from ragjax.evaluation.tasks.base import Example, Scorer, Task, batches
+from ragjax.evaluation.tasks.base import Example, Scorer, Task, retrieval_depth, retrieve_all
 from ragjax.evaluation.tasks.open_qa import run_qa
 from ragjax.retrieval.evaluate import recall_at_k
 
@@ -101,13 +101,11 @@ def page_of(passage_id: str) -> tuple[str, str] | None:
 def run(scorer: Scorer, examples: Sequence[Example], recall_ks=(1, 5, 20)
         ) -> tuple[dict, list[dict]]:
   """`run_qa`'s metrics plus `evidence_doc_recall` and `evidence_page_recall` `{"k": r}`."""
-  metrics, records = run_qa(scorer, examples, recall_ks)
-  depth = min(max(recall_ks, default=0), scorer.max_retrieve_k)
+  depth = retrieval_depth(scorer, recall_ks)
+  ranked = retrieve_all(scorer, examples, depth)
+  metrics, records = run_qa(scorer, examples, recall_ks, ranked=ranked)
   if not depth:
     return metrics, records
-  texts = [e.question.question for e in examples]
-  ranked = [r for chunk in batches(texts, scorer.max_batch)
-            for r in scorer.retrieve(list(chunk), depth)]
   def hits(test):  # [N, depth], a short list (a small corpus) padded with misses
     return np.array([[test(e, p) for p in r] + [False] * (depth - len(r))
                      for e, r in zip(examples, ranked)], dtype=bool)

@@ -17,7 +17,8 @@ import numpy as np
 from ragjax.data.answers import has_answer
 from ragjax.data.qa import read_questions
 from ragjax.evaluation.metrics import qa_scores
-from ragjax.evaluation.tasks.base import Example, Scorer, Task, batches
+from ragjax.evaluation.tasks.base import (Example, Scorer, Task, batches, retrieval_depth,
+                                         retrieve_all)
 from ragjax.retrieval.evaluate import recall_at_k
 
 
@@ -28,10 +29,11 @@ def load_questions(path, fmt: str | None = None, *, skip_invalid: bool = False,
   return [Example(q) for q in read_questions(path, fmt, skip_invalid=skip_invalid, stats=stats)]
 
 
-def run_qa(scorer: Scorer, examples: Sequence[Example], recall_ks: Sequence[int] = (1, 5, 20)
-           ) -> tuple[dict, list[dict]]:
+def run_qa(scorer: Scorer, examples: Sequence[Example], recall_ks: Sequence[int] = (1, 5, 20),
+           ranked: list[list[dict]] | None = None) -> tuple[dict, list[dict]]:
   """Decode every question, score EM / F1, and answer recall@k over `recall_ks` (those up to the
-  system's deepest search; none for a closed-book system).
+  system's deepest search; none for a closed-book system). `ranked`: the passages already
+  retrieved for each example to `retrieval_depth(scorer, recall_ks)` (retrieved here if None).
 
   Returns `(metrics, records)`: metrics `{"exact_match", "f1", "answer_recall": {"k": r}}`
   (fractions in [0, 1]); a record per example with `prediction`, `gold`, `passages` (the ids the
@@ -41,11 +43,9 @@ def run_qa(scorer: Scorer, examples: Sequence[Example], recall_ks: Sequence[int]
     raise ValueError("run_qa: no examples")
   texts = [e.question.question for e in examples]
   outs = [o for chunk in batches(texts, scorer.max_batch) for o in scorer.answer(list(chunk))]
-  depth = min(max(recall_ks, default=0), scorer.max_retrieve_k)
+  depth = retrieval_depth(scorer, recall_ks)
   ks = [k for k in recall_ks if k <= depth]
-  top = ([r for chunk in batches(texts, scorer.max_batch) for r in scorer.retrieve(list(chunk),
-                                                                                 depth)]
-         if depth else [[] for _ in examples])
+  top = retrieve_all(scorer, examples, depth) if ranked is None else ranked
   records, em, f1s, hits = [], [], [], []
   for e, out, ranked in zip(examples, outs, top):
     q = e.question
