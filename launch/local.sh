@@ -10,8 +10,14 @@
 # exits non-zero when any fails; when one dies the others are stopped (SIGTERM, then SIGKILL
 # after $KILL_GRACE seconds), because they would otherwise block in a collective.
 #
+# INDEXERS=M (default 0) also starts M asynchronous indexer workers for a joint run
+# (`ragjax indexer --workdir DIR --shard j --num-shards M --wait-for-trainer 600`, CPU, output
+# prefixed [i<j>]) and tells the trainer not to spawn its own
+# (--config.index.refresh.spawn_indexer=false); they exit when the trainer writes its end marker.
+#
 # Environment: RAGJAX (the ragjax command; default: the repo's .venv/bin/ragjax, else `ragjax`
-# on PATH), XLA_FLAGS (kept; the device count is appended), KILL_GRACE (seconds, default 10).
+# on PATH), XLA_FLAGS (kept; the device count is appended), KILL_GRACE (seconds, default 10),
+# INDEXERS (above).
 set -euo pipefail
 
 usage() {
@@ -19,6 +25,7 @@ usage() {
 usage: launch/local.sh N D --config FILE[:arg] --workdir DIR [--config.key=value ...]
   N  number of processes (>= 1)
   D  virtual CPU devices per process (>= 1)
+  INDEXERS=M in the environment: also M indexer workers (joint training)
 example: launch/local.sh 2 1 --config experiments/bios.py:smoke --workdir /tmp/launch_test \
            --config.train.total_steps=2
 EOF
@@ -33,18 +40,26 @@ num_processes=$1 devices=$2
 shift 2
 train_args=("$@")
 
-has_config=0 has_workdir=0
+indexers=${INDEXERS:-0}
+if [[ ! $indexers =~ ^[0-9]+$ ]]; then
+  echo "launch/local.sh: INDEXERS=$indexers: expected a count >= 0" >&2
+  usage
+fi
+has_config=0 workdir="" prev=""
 for arg in "${train_args[@]}"; do
+  [[ $prev == --workdir ]] && workdir=$arg
+  prev=$arg
   case $arg in
     --config | --config=*) has_config=1 ;;
-    --workdir | --workdir=*) has_workdir=1 ;;
+    --workdir=*) workdir=${arg#--workdir=} ;;
     --coordinator* | --num-processes* | --process-id* | --distributed | --cpu-collectives*)
       echo "launch/local.sh: $arg is set by this script" >&2
       usage
       ;;
   esac
 done
-((has_config && has_workdir)) || usage
+((has_config)) && [[ -n $workdir ]] || usage
+((indexers)) && train_args+=(--config.index.refresh.spawn_indexer=false)
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 if [[ -n ${RAGJAX:-} ]]; then
@@ -74,8 +89,10 @@ stop_all() {  # SIGTERM the processes still running, then SIGKILL what is left a
 }
 trap 'echo "launch/local.sh: interrupted; stopping all processes" >&2; stop_all; exit 130' INT TERM
 
-echo "launch/local.sh: $num_processes processes x $devices CPU devices, coordinator 127.0.0.1:$port"
+echo "launch/local.sh: $num_processes processes x $devices CPU devices, coordinator" \
+  "127.0.0.1:$port, $indexers indexer worker(s)"
 start=$SECONDS
+names=()
 for ((i = 0; i < num_processes; i++)); do
   cmd=("${ragjax[@]}" train "${train_args[@]}" --coordinator "127.0.0.1:$port"
        --num-processes "$num_processes" --process-id "$i" --cpu-collectives gloo)
@@ -84,31 +101,43 @@ for ((i = 0; i < num_processes; i++)); do
   printf '\n'
   JAX_PLATFORMS=cpu XLA_FLAGS=$xla_flags "${cmd[@]}" > >(sed -u "s/^/[p$i] /") 2>&1 &
   pids+=($!)
+  names+=("process $i")
+done
+for ((j = 0; j < indexers; j++)); do
+  cmd=("${ragjax[@]}" indexer --workdir "$workdir" --shard "$j" --num-shards "$indexers"
+       --wait-for-trainer 600)
+  printf '[i%d] $ JAX_PLATFORMS=cpu' "$j"
+  printf ' %q' "${cmd[@]}"
+  printf '\n'
+  JAX_PLATFORMS=cpu "${cmd[@]}" > >(sed -u "s/^/[i$j] /") 2>&1 &
+  pids+=($!)
+  names+=("indexer $j")
 done
 
 # Poll (not `wait -n`: the output filters are jobs too) until all exit or one fails.
 declare -A rc=()
 failed=""
-while ((${#rc[@]} < num_processes)); do
+while ((${#rc[@]} < ${#pids[@]})); do
   for i in "${!pids[@]}"; do
     [[ -n ${rc[$i]:-} ]] && continue
     kill -0 "${pids[$i]}" 2>/dev/null && continue
     code=0
     wait "${pids[$i]}" || code=$?
     rc[$i]=$code
-    echo "launch/local.sh: process $i exited with status $code after $((SECONDS - start)) s"
+    echo "launch/local.sh: ${names[$i]} exited with status $code after $((SECONDS - start)) s"
     if ((code != 0)) && [[ -z $failed ]]; then
       failed=$i
-      echo "launch/local.sh: process $i failed; stopping the others" >&2
+      echo "launch/local.sh: ${names[$i]} failed; stopping the others" >&2
       stop_all
     fi
   done
-  ((${#rc[@]} < num_processes)) && sleep 1
+  ((${#rc[@]} < ${#pids[@]})) && sleep 1
 done
 wait  # the output filters
 
 if [[ -n $failed ]]; then
-  echo "launch/local.sh: FAILED (process $failed exited with status ${rc[$failed]})" >&2
+  echo "launch/local.sh: FAILED (${names[$failed]} exited with status ${rc[$failed]})" >&2
   exit 1
 fi
-echo "launch/local.sh: all $num_processes processes exited 0 in $((SECONDS - start)) s"
+echo "launch/local.sh: all $num_processes processes and $indexers indexer(s) exited 0 in" \
+  "$((SECONDS - start)) s"

@@ -30,6 +30,12 @@
 #   REMOTE_DIR [ragjax]   on each worker (relative to $HOME): src/ (this checkout) and venv/
 #   DETACH [0]     1: start training under nohup (output in ~/REMOTE_DIR/train.log on each
 #                  worker) and return; 0: stream every worker's output here until it ends
+#   INDEXER_VMS [0]  joint training: M CPU VMs beside the slice (TPU_NAME-indexer-<j>, created
+#                  or reused, same checkout and WORKER_SETUP mount), each running one
+#                  asynchronous indexer worker (`ragjax indexer --shard j --num-shards M
+#                  --wait-for-trainer 1800`, under nohup, log ~/REMOTE_DIR/indexer.log), started
+#                  before training; the trainer gets --config.index.refresh.spawn_indexer=false
+#   INDEXER_MACHINE_TYPE [n2-standard-16]  INDEXER_IMAGE_FAMILY [ubuntu-2204-lts]
 set -euo pipefail
 
 usage() {
@@ -89,6 +95,13 @@ gcloud=(gcloud)
 tpu=("${gcloud[@]}" compute tpus tpu-vm)
 create_flags=()
 [[ -n ${CREATE_FLAGS:-} ]] && read -r -a create_flags <<<"$CREATE_FLAGS"
+indexer_vms=${INDEXER_VMS:-0}
+if [[ ! $indexer_vms =~ ^[0-9]+$ ]]; then
+  echo "launch/tpu_vm.sh: INDEXER_VMS=$indexer_vms: expected a count >= 0" >&2
+  exit 2
+fi
+((indexer_vms)) && train_args+=(--config.index.refresh.spawn_indexer=false)
+vm=("${gcloud[@]}" compute instances)
 
 q() {  # one word, single-quoted when it needs quoting (POSIX sh; copy-pasteable)
   if [[ $1 =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then printf '%s' "$1"
@@ -143,6 +156,31 @@ if [[ -n ${WORKER_SETUP:-} ]]; then
   run "${tpu[@]}" ssh "$name" --zone="$zone" --worker=all --command="$WORKER_SETUP"
 fi
 
+# 2b. Indexer VMs (joint training): create or reuse, copy, install (CPU jax), mount, start.
+for ((j = 0; j < indexer_vms; j++)); do
+  host="$name-indexer-$j"
+  if ((dry_run)); then
+    echo "# create indexer VM $host unless it exists (\`describe\` succeeds):"
+    run "${vm[@]}" create "$host" --zone="$zone" --machine-type="${INDEXER_MACHINE_TYPE:-n2-standard-16}" \
+      --image-family="${INDEXER_IMAGE_FAMILY:-ubuntu-2204-lts}" --image-project=ubuntu-os-cloud
+  elif ! "${vm[@]}" describe "$host" --zone="$zone" > /dev/null 2>&1; then
+    run "${vm[@]}" create "$host" --zone="$zone" --machine-type="${INDEXER_MACHINE_TYPE:-n2-standard-16}" \
+      --image-family="${INDEXER_IMAGE_FAMILY:-ubuntu-2204-lts}" --image-project=ubuntu-os-cloud
+  fi
+  if [[ ${SETUP:-1} != 0 ]]; then
+    run "${gcloud[@]}" compute scp "$tarball" "$host:ragjax-src.tar.gz" --zone="$zone"
+    # A plain Ubuntu image has no pip (TPU runtime images do); CPU jax instead of jax[tpu].
+    run "${gcloud[@]}" compute ssh "$host" --zone="$zone" --command="python3 -m pip --version > /dev/null 2>&1 || (sudo apt-get update -qq && sudo apt-get install -y -qq python3-pip)
+${install/\'jax\[tpu\]>=0.10,<0.11\'/\'jax>=0.10,<0.11\'}"
+  fi
+  if [[ -n ${WORKER_SETUP:-} ]]; then
+    run "${gcloud[@]}" compute ssh "$host" --zone="$zone" --command="$WORKER_SETUP"
+  fi
+  indexer="cd ~/$remote/src && JAX_PLATFORMS=cpu ~/$remote/venv/bin/ragjax indexer --workdir $(q "$workdir") --shard $j --num-shards $indexer_vms --wait-for-trainer 1800"
+  run "${gcloud[@]}" compute ssh "$host" --zone="$zone" \
+    --command="nohup bash -c $(q "$indexer") > ~/$remote/indexer.log 2>&1 < /dev/null &"
+done
+
 # 3. Train: one process per worker; process 0 writes config.json and the metrics.
 train="cd ~/$remote/src && ~/$remote/venv/bin/ragjax train $(show "${train_args[@]}") --distributed"
 if [[ ${DETACH:-0} == 1 ]]; then
@@ -155,3 +193,6 @@ if [[ ${DETACH:-0} == 1 ]]; then
 fi
 echo "launch/tpu_vm.sh: delete the slice when done:"
 echo "  $(show "${tpu[@]}" delete "$name" --zone="$zone")"
+for ((j = 0; j < indexer_vms; j++)); do
+  echo "  $(show "${vm[@]}" delete "$name-indexer-$j" --zone="$zone")"
+done

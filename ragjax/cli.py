@@ -113,10 +113,13 @@ def cmd_indexer(args):
   """Serve index versions for a joint-training workdir (`ragjax.joint.indexer`)."""
   if args.nice:
     os.nice(args.nice)
-  from ragjax.joint.indexer import Indexer
+  from ragjax.joint.indexer import Indexer, wait_for_run
   _setup_logging()
+  if args.wait_for_trainer:
+    wait_for_run(args.workdir, args.wait_for_trainer, args.poll_seconds)
   n = Indexer(args.workdir, args.shard, args.num_shards, poll_seconds=args.poll_seconds,
-              idle_timeout=args.idle_timeout).run()
+              idle_timeout=args.idle_timeout,
+              launched_with_trainer=bool(args.wait_for_trainer)).run()
   print(json.dumps({"shard": args.shard, "published": n}))
 
 
@@ -319,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--idle-timeout", type=float, default=0.0,
                  help="exit after this many seconds without work (0: wait for the end marker)")
   p.add_argument("--nice", type=int, default=0, help="lower this process's priority by N")
+  p.add_argument("--wait-for-trainer", type=float, default=0.0, metavar="SECONDS",
+                 help="launched beside the trainer (launch/): wait up to this long for the "
+                 "workdir's config.json, and take an end marker already there as the previous "
+                 "job's (0: the workdir must exist; any end marker stops this worker)")
 
   p = add("aot", cmd_aot, "ahead-of-time compile a config's train step for a TPU topology "
           "(libtpu compile-only devices) and report its memory per device")

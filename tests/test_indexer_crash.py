@@ -434,3 +434,33 @@ def test_max_staleness_steps_bounds_every_step(env, tmp_path):
   assert (workdir / "index" / versions.END_MARKER).is_file()
   # The trainer's finish() waited for its indexer: it has exited, not been orphaned.
   assert indexer_pid is not None and not pid_alive(indexer_pid)
+
+
+def test_a_worker_launched_with_the_trainer_ignores_the_previous_jobs_end_marker(tmp_path):
+  """launch/ starts workers beside a (re)starting trainer: an end marker already there is the
+  earlier job's (the trainer clears it at start); the trainer's next one stops the worker."""
+  assert not indexer.end_marker_written(tmp_path)
+  versions.write_end_marker(tmp_path)
+  stale = indexer.read_end_marker(tmp_path)
+  assert indexer.end_marker_written(tmp_path) and not indexer.end_marker_written(tmp_path, stale)
+  versions.clear_end_marker(tmp_path)
+  assert not indexer.end_marker_written(tmp_path, stale)
+  time.sleep(0.01)
+  versions.write_end_marker(tmp_path)  # the restarted trainer's end
+  assert indexer.end_marker_written(tmp_path, stale)
+
+
+def test_wait_for_trainer_waits_for_config_json_then_names_it(tmp_path):
+  w = tmp_path / "w"
+  r = subprocess.run([sys.executable, "-m", "ragjax.cli", "indexer", "--workdir", str(w),
+                      "--wait-for-trainer", "0.5", "--poll-seconds", "0.1"],
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2, r.stderr
+  (line,) = [l for l in r.stderr.splitlines() if "error:" in l]
+  assert str(w / "config.json") in line and "--wait-for-trainer 0.5" in line
+  w.mkdir()
+  t0 = time.monotonic()
+  import threading
+  threading.Timer(0.5, lambda: (w / "config.json").write_text("{}")).start()
+  indexer.wait_for_run(w, timeout=30, poll_seconds=0.05)
+  assert 0.4 < time.monotonic() - t0 < 30

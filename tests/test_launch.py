@@ -202,3 +202,91 @@ def test_slurm_runs_one_distributed_process_per_node_on_all_gpus(tmp_path):
   assert "#SBATCH --ntasks-per-node=1" in sbatch
   r = run(["bash", LAUNCH / "slurm.sbatch"], env={**env, "WORKDIR": ""})
   assert r.returncode != 0 and "WORKDIR" in r.stderr
+
+
+# ------------------------------------------------------------------ trainer + indexer workers
+
+def test_local_starts_indexer_workers_beside_the_trainers(tmp_path):
+  fake = stub(tmp_path, "ragjax", FAKE_RAGJAX)
+  r = run([LAUNCH / "local.sh", 2, 1, "--config", "c.py", "--workdir", tmp_path / "w"],
+          env={"RAGJAX": str(fake), "INDEXERS": "2"})
+  assert r.returncode == 0, r.stdout + r.stderr
+  lines = r.stdout.splitlines()
+  for i in range(2):
+    (cmd,) = [l for l in lines if l.startswith(f"[p{i}] $ ")]
+    assert "--config.index.refresh.spawn_indexer=false" in cmd
+  for j in range(2):
+    (cmd,) = [l for l in lines if l.startswith(f"[i{j}] $ ")]
+    assert cmd.startswith(f"[i{j}] $ JAX_PLATFORMS=cpu ")
+    assert (f"indexer --workdir {tmp_path / 'w'} --shard {j} --num-shards 2 "
+            "--wait-for-trainer 600") in cmd
+  assert "all 2 processes and 2 indexer(s) exited 0" in r.stdout
+  r = run([LAUNCH / "local.sh", 1, 1, "--config", "c.py", "--workdir", tmp_path / "w"],
+          env={"RAGJAX": str(fake), "INDEXERS": "x"})
+  assert r.returncode == 2 and "INDEXERS=x" in r.stderr
+
+
+def test_slurm_runs_the_indexer_as_its_own_step_on_the_last_nodes(tmp_path):
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  stub(bin_dir, "srun", 'echo "srun $* JAX_PLATFORMS=${JAX_PLATFORMS:-}"\n')
+  env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "WORKDIR": "/shared/runs/j",
+         "CONFIG": "experiments/squad_open_joint.py", "SLURM_GPUS_ON_NODE": "8",
+         "SLURM_JOB_NUM_NODES": "3", "INDEXER_NODES": "1", "INDEXER_JAX_PLATFORMS": "cpu",
+         "SLURM_SUBMIT_DIR": str(LAUNCH.parent)}
+  r = run(["bash", LAUNCH / "slurm.sbatch"], env=env)
+  assert r.returncode == 0, r.stderr
+  steps = [l for l in r.stdout.splitlines() if l.startswith("srun ")]
+  (indexer,) = [l for l in steps if " indexer " in l]
+  (train,) = [l for l in steps if " train " in l]
+  assert "--nodes=1 --ntasks=1 --ntasks-per-node=1 --relative=2" in indexer
+  assert "indexer --workdir /shared/runs/j --num-shards 1 --wait-for-trainer 1800" in indexer
+  assert indexer.endswith("JAX_PLATFORMS=cpu")
+  assert "--nodes=2 --ntasks-per-node=1 --relative=0" in train
+  assert train.split(" JAX_PLATFORMS=")[0].endswith("--config.index.refresh.spawn_indexer=false")
+  r = run(["bash", LAUNCH / "slurm.sbatch"], env={**env, "INDEXER_NODES": "3"})
+  assert r.returncode == 2 and "INDEXER_NODES=3" in r.stderr
+
+
+def test_the_jobset_runs_indexed_indexer_workers_on_the_trainers_workdir():
+  yaml = pytest.importorskip("yaml")
+  (jobset,) = yaml.safe_load_all((LAUNCH / "gke" / "jobset.yaml").read_text())
+  jobs = {j["name"]: j["template"]["spec"] for j in jobset["spec"]["replicatedJobs"]}
+  assert set(jobs) == {"slice", "indexer"}
+  assert jobset["spec"]["successPolicy"]["targetReplicatedJobs"] == ["slice"]
+  trainer = " ".join(jobs["slice"]["template"]["spec"]["containers"][0]["args"])
+  job = jobs["indexer"]
+  assert job["completionMode"] == "Indexed" and job["parallelism"] == job["completions"]
+  pod = job["template"]["spec"]
+  assert not any(k.startswith("cloud.google.com/gke-tpu") for k in pod["nodeSelector"])
+  (container,) = pod["containers"]
+  env = {e["name"]: e["value"] for e in container["env"]}
+  assert int(env["NUM_SHARDS"]) == job["parallelism"]
+  args = " ".join(container["args"])
+  assert 'ragjax indexer' in args and '--shard "${JOB_COMPLETION_INDEX}"' in args
+  assert '--num-shards "${NUM_SHARDS}"' in args and "--wait-for-trainer" in args
+  workdir = trainer.split("--workdir ")[1].split()[0]
+  assert f"--workdir {workdir} " in args
+  assert "--config.index.refresh.spawn_indexer=false" in trainer
+  mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+  assert workdir.startswith(mounts["workdir"])
+
+
+def test_tpu_vm_dry_run_starts_indexer_vms_before_training(no_gcloud):
+  env, marker = no_gcloud
+  env = {**env, "TPU_NAME": "rj", "INDEXER_VMS": "2"}
+  r = run([LAUNCH / "tpu_vm.sh", "--dry-run", "--config", "experiments/squad_open_joint.py",
+           "--workdir", "/mnt/shared/runs/j"], env=env)
+  assert r.returncode == 0, r.stderr
+  assert not marker.exists()
+  lines = [l for l in r.stdout.splitlines() if l.startswith("+ gcloud")]
+  (train,) = [i for i, l in enumerate(lines) if "ragjax train" in l]
+  assert "--config.index.refresh.spawn_indexer=false" in lines[train]
+  for j in range(2):
+    (create,) = [l for l in lines if f"instances create rj-indexer-{j} " in l]
+    (start,) = [i for i, l in enumerate(lines) if f"ssh rj-indexer-{j} " in l and "nohup" in l]
+    assert start < train
+    assert f"--shard {j} --num-shards 2 --wait-for-trainer 1800" in lines[start]
+    assert "--workdir /mnt/shared/runs/j" in lines[start]
+  install = [c for c in r.stdout.split("\n+ ") if "ssh rj-indexer-0 " in c and "uv pip" in c]
+  assert install and "jax[tpu]" not in install[0]

@@ -91,15 +91,46 @@ def shard_range(count: int, shard: int, num_shards: int) -> tuple[int, int]:
   return count * shard // num_shards, count * (shard + 1) // num_shards
 
 
+def read_end_marker(workdir) -> str | None:
+  """The end marker's content (`W/index/END`), or None when there is none."""
+  try:
+    return (index_dir(workdir) / END_MARKER).read_text()
+  except FileNotFoundError:
+    return None
+
+
+def end_marker_written(workdir, stale: str | None = None) -> bool:
+  """Whether the trainer has written its end marker: one is there and its content is not
+  `stale` (the marker an earlier job left, read when this worker started)."""
+  marker = read_end_marker(workdir)
+  return marker is not None and marker != stale
+
+
+def wait_for_run(workdir, timeout: float, poll_seconds: float = 1.0) -> None:
+  """Wait up to `timeout` seconds for `W/config.json`, which `ragjax train` writes at start (an
+  indexer launched beside the trainer may start first). Raises: UsageError after `timeout`."""
+  path = pathlib.Path(workdir) / "config.json"
+  deadline = time.monotonic() + float(timeout)
+  while not path.is_file():
+    if time.monotonic() > deadline:
+      raise UsageError(f"{path}: not there after --wait-for-trainer {timeout:g} s; start "
+                       f"`ragjax train --workdir {workdir}` (or give it longer)")
+    time.sleep(poll_seconds)
+
+
 class Indexer:
   """One indexer worker (module docstring). `run()` returns when the end marker appears, when
   `stop` is set, or after `idle_timeout` seconds without work (0: never)."""
 
   def __init__(self, workdir, shard: int = 0, num_shards: int = 1, *, poll_seconds: float = 1.0,
-               idle_timeout: float = 0.0, stop: threading.Event | None = None):
+               idle_timeout: float = 0.0, stop: threading.Event | None = None,
+               launched_with_trainer: bool = False):
     if not 0 <= shard < num_shards:
       raise UsageError(f"--shard {shard}: expected 0 <= shard < --num-shards ({num_shards})")
     self.workdir, self.shard, self.num_shards = pathlib.Path(workdir), shard, num_shards
+    # Started beside a (re)starting trainer: an end marker already there is the previous job's,
+    # which the trainer clears when it starts; only a marker written after it counts.
+    self._stale_end = read_end_marker(workdir) if launched_with_trainer else None
     self.cfg = config_lib.load_workdir_config(workdir)
     r = self.cfg.index.refresh
     self.poll = float(poll_seconds)
@@ -121,7 +152,7 @@ class Indexer:
 
   @property
   def ended(self) -> bool:
-    return (index_dir(self.workdir) / END_MARKER).is_file() or self.stop.is_set()
+    return self.stop.is_set() or end_marker_written(self.workdir, self._stale_end)
 
   def _wait(self, seconds=None) -> bool:
     """Sleep a poll interval (or `seconds`); True when the worker should stop."""
