@@ -73,6 +73,19 @@ def cmd_make_bios(args):
     print(f"{name}: {path}")
 
 
+def cmd_make_haystack(args):
+  from ragjax.data.haystack import write_haystacks
+  check_writable(args.out, "--out")
+  try:
+    sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
+  except ValueError:
+    raise UsageError(f"--sizes {args.sizes!r}: expected comma-separated token counts") from None
+  paths = write_haystacks(args.out, sizes, num_people=args.num_people, seed=args.seed,
+                          eval_fraction=args.eval_fraction, num_needles=args.num_needles)
+  for name, path in paths.items():
+    print(f"{name}: {path}")
+
+
 def _setup_logging():
   import logging
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
@@ -242,6 +255,17 @@ def build_parser() -> argparse.ArgumentParser:
                  "people changed employer or birth city (corpus_updated.jsonl, "
                  "changed_questions[_old].jsonl)")
   p.add_argument("--update-seed", type=int, default=0)
+  p.add_argument("--out", required=True)
+
+  p = add("make-haystack", cmd_make_haystack, "write Biographies needle-in-a-haystack corpora "
+          "of several token sizes with the same needle questions (ragjax.data.haystack)")
+  p.add_argument("--sizes", default="2000,8000,32000,128000,512000,2000000",
+                 help="haystack sizes in MiniLM tokens, increasing (default: %(default)s)")
+  p.add_argument("--num-needles", type=int, default=20,
+                 help="needle people (5 questions each), the world's first held-out people")
+  p.add_argument("--num-people", type=int, default=2000, help="the trained world's size")
+  p.add_argument("--seed", type=int, default=0, help="the trained world's bios seed")
+  p.add_argument("--eval-fraction", type=float, default=0.2)
   p.add_argument("--out", required=True)
 
   p = add("embed", retrieval_commands.embed, "embed a corpus into resumable shards with a manifest")
