@@ -133,22 +133,35 @@ def open_scorer(*, workdir=None, bundle=None, server=None, step=None, passages=N
       raise UsageError("--corpus with --server: the server answers from its own corpus; "
                        "evaluate its bundle with --bundle instead")
     return HttpScorer(server)
+  b, source = load_system(workdir=workdir, bundle=bundle, step=step)
+  if passages is not None:
+    b = with_corpus(b, passages)
+  return engine_scorer(b, source, batch_size=batch_size, max_retrieve_k=max_retrieve_k,
+                       max_answers=max_answers)
+
+
+def load_system(*, workdir=None, bundle=None, step=None) -> tuple[bundle_lib.Bundle, dict]:
+  """`(bundle in memory, source)` of a training `workdir`'s checkpoint `step` (exported to a
+  temporary bundle) or of a `bundle` directory. Raises: as `open_scorer`."""
   if workdir is not None:
     with tempfile.TemporaryDirectory(prefix="ragjax-eval-") as tmp:
       bundle_lib.export_bundle(workdir, pathlib.Path(tmp) / "bundle", step)
       b = bundle_lib.load_bundle(pathlib.Path(tmp) / "bundle")
       b.embeddings = np.array(b.embeddings)  # read into memory before the directory goes
-    source = {"workdir": str(workdir)}
-  else:
-    b = bundle_lib.load_bundle(bundle)
-    source = {"bundle": str(bundle)}
-  if passages is not None:
-    b = with_corpus(b, passages)
+    return b, {"workdir": str(workdir)}
+  return bundle_lib.load_bundle(bundle), {"bundle": str(bundle)}
+
+
+def engine_scorer(b: bundle_lib.Bundle, source: dict, *, batch_size: int = 8,
+                  max_retrieve_k: int = max(DEFAULT_RECALL_KS), max_answers: int = 32
+                  ) -> EngineScorer:
+  """An in-process Scorer over bundle `b` (one compiled batch size, search depth capped at the
+  corpus size)."""
   n = len(b.system.passages)
   engine = Engine(b, buckets=(int(batch_size),), max_retrieve_k=min(int(max_retrieve_k), n),
                   max_answers=int(max_answers))
-  source.update(checkpoint_step=b.checkpoint_step, index_version=engine.index_version)
-  return EngineScorer(engine, source)
+  return EngineScorer(engine, {**source, "checkpoint_step": b.checkpoint_step,
+                               "index_version": engine.index_version})
 
 
 def task_passages(task_name: str, data, corpus=None, skip_invalid: bool = False):
