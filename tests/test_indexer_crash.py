@@ -18,6 +18,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -464,3 +465,36 @@ def test_wait_for_trainer_waits_for_config_json_then_names_it(tmp_path):
   threading.Timer(0.5, lambda: (w / "config.json").write_text("{}")).start()
   indexer.wait_for_run(w, timeout=30, poll_seconds=0.05)
   assert 0.4 < time.monotonic() - t0 < 30
+
+
+@pytest.mark.timeout(600)
+def test_resume_installs_the_recorded_version_and_drops_versions_from_a_lost_future(
+    no_indexer_run, env, tmp_path):
+  """A resumed joint run starts on the index version its checkpoint recorded (0 here), then
+  takes newer ones at the next poll as usual (4); a version newer than the resumed step (9: as
+  after a fallback from a corrupt newest checkpoint) was embedded by parameters of a trajectory
+  the run no longer continues, so it is deleted and never installed."""
+  src, _, _ = no_indexer_run
+  workdir = tmp_path / "w"
+  shutil.copytree(src, workdir)
+  for p in (workdir / "index").iterdir():
+    if p.name.isdigit() and p.name != "0":
+      shutil.rmtree(p)
+  for step in (4, 9):  # version 0's vectors, relabelled (their values do not matter here)
+    shutil.copytree(workdir / "index" / "0", workdir / "index" / str(step))
+    path = workdir / "index" / str(step) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, "checkpoint_step": step}))
+  meta = json.loads((workdir / "checkpoints" / "6" / "meta" / "metadata").read_text())
+  assert meta["index_version"] == 0
+  run = train(workdir, env, tmp_path / "resume", "--config.train.total_steps=7",
+              "--config.index.refresh.spawn_indexer=false")
+  try:
+    assert run.wait(300) == 0, run.logs()
+  finally:
+    run.kill()
+  assert "are newer than the resumed step 6" in run.err.read_text()
+  assert versions.version_steps(workdir) == [0, 4]
+  switches = json.loads((workdir / "index_refresh.json").read_text())["switches"]
+  assert [(s["step"], s["version"]) for s in switches] == [(6, 0), (6, 4)]
+  assert read_metrics(workdir)[-1]["step"] == 7 and read_metrics(workdir)[-1]["index_version"] == 4

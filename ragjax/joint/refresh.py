@@ -90,16 +90,34 @@ class IndexRefresh:
     log.info("index version %d installed at step %d (staleness %d steps, %.2f s to load)",
              version, step, step - version, seconds)
 
-  def start(self, params, step: int) -> None:
-    """Install the newest published version, or embed the corpus from `params` and publish it as
-    version `step` when there is none (a fresh run, or an indexer that never finished); start
-    the indexer subprocess when configured."""
+  def start(self, params, step: int, recorded: int | None = None) -> None:
+    """Install the version the resumed checkpoint recorded (`recorded`, its meta's
+    `index_version`) when it is still published, else the newest one, or embed the corpus from
+    `params` and publish it as version `step` when there is none (a fresh run, or an indexer
+    that never finished); start the indexer subprocess when configured. Versions of steps after
+    `step` (a resume from an older checkpoint than the newest) are deleted first: their
+    parameters belong to a trajectory this run does not continue."""
     if not self.active:
       self.run.feeder.set_corpus(self.run.initial_embeddings(params))
       return
     if self.run.is_main:
       versions.clear_end_marker(self.workdir)
+      gone = versions.discard_versions_after(self.workdir, step)
+      if gone:
+        log.warning("index versions %s are newer than the resumed step %d (embedded from "
+                    "checkpoints this run no longer continues): deleted", gone, step)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("ragjax_index_discarded")
     latest = self._latest()
+    if recorded is not None and 0 <= int(recorded) <= latest:
+      kept = not self.run.is_main or int(recorded) in versions.version_steps(self.workdir)
+      chosen = int(recorded) if kept else latest
+      if jax.process_count() > 1:  # process 0 decides; every process installs the same one
+        chosen = int(multihost_utils.broadcast_one_to_all(np.int32(chosen)))
+      if chosen != int(recorded):
+        log.info("index version %d recorded by the checkpoint was garbage-collected; "
+                 "installing the newest, %d", int(recorded), latest)
+      latest = chosen  # newer versions come at the next poll, as usual
     if latest < 0:
       emb = self.run.initial_embeddings(params)
       if self.run.is_main:

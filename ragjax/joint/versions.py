@@ -43,6 +43,19 @@ def version_steps(workdir) -> list[int]:
   return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and p.is_dir())
 
 
+def discard_versions_after(workdir, step: int) -> list[int]:
+  """Delete the versions (and open indexer jobs) of steps after `step`: after a resume from an
+  older checkpoint (a corrupt newest one moved aside), they were embedded by parameters of a
+  trajectory the run no longer continues. Returns the version steps deleted."""
+  gone = [v for v in version_steps(workdir) if v > step]
+  for v in gone:
+    shutil.rmtree(index_dir(workdir) / str(v), ignore_errors=True)
+  for p in index_dir(workdir).glob(".job-*") if index_dir(workdir).is_dir() else ():
+    if p.name[5:].isdigit() and int(p.name[5:]) > step:
+      shutil.rmtree(p, ignore_errors=True)
+  return gone
+
+
 def latest_version(workdir) -> int | None:
   steps = version_steps(workdir)
   return steps[-1] if steps else None

@@ -244,7 +244,7 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, spec: str | None = None,
                       "to resume it (or a new --workdir)")
   log.info("largest parameters:\n%s", sh.sharding_summary(state.params, top=8))
   refresh = IndexRefresh(run)
-  refresh.start(state.params, start)
+  refresh.start(state.params, start, recorded=(meta or {}).get("index_version"))
   tcfg = cfg.train
   total, g = int(tcfg.total_steps), int(tcfg.global_batch)
   step_fn = jit_train_step(run.model, cfg, run.tx, run.schedule, run.shapes, run.mesh,
