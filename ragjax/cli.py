@@ -80,7 +80,9 @@ def cmd_make_haystack(args):
     sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
   except ValueError:
     raise UsageError(f"--sizes {args.sizes!r}: expected comma-separated token counts") from None
-  paths = write_haystacks(args.out, sizes, num_people=args.num_people, seed=args.seed,
+  from ragjax.models.hf_import import minilm_dir
+  paths = write_haystacks(args.out, minilm_dir(verify=False) / "tokenizer.json", sizes,
+                          num_people=args.num_people, seed=args.seed,
                           eval_fraction=args.eval_fraction, num_needles=args.num_needles)
   for name, path in paths.items():
     print(f"{name}: {path}")

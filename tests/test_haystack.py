@@ -13,15 +13,16 @@ from ragjax.errors import UsageError
 from ragjax.models import hf_import
 
 SIZES = (2_000, 8_000, 32_000)
+TOKENIZER = hf_import.minilm_dir(verify=False) / "tokenizer.json"
 
 
 @pytest.fixture(scope="module")
 def built():
-  return haystack.build_haystacks(SIZES, num_people=200, seed=3, num_needles=20)
+  return haystack.build_haystacks(TOKENIZER, SIZES, num_people=200, seed=3, num_needles=20)
 
 
 def test_every_haystack_fits_its_token_budget_to_within_one_biography(built):
-  tok = tokenizers.Tokenizer.from_file(str(hf_import.minilm_dir(verify=False) / "tokenizer.json"))
+  tok = tokenizers.Tokenizer.from_file(str(TOKENIZER))
   tok.no_truncation()
   tok.no_padding()
   _, corpora, stats = built
@@ -59,11 +60,11 @@ def test_the_same_needles_and_questions_hide_in_every_size(built):
 
 def test_bad_sizes_and_needles_are_one_line_errors():
   with pytest.raises(UsageError, match="increasing"):
-    haystack.build_haystacks((8_000, 2_000), num_people=200)
+    haystack.build_haystacks(TOKENIZER, (8_000, 2_000), num_people=200)
   with pytest.raises(UsageError, match="needles alone take"):
-    haystack.build_haystacks((500,), num_people=200)
+    haystack.build_haystacks(TOKENIZER, (500,), num_people=200)
   with pytest.raises(UsageError, match="held-out people"):
-    haystack.build_haystacks((2_000,), num_people=20, num_needles=20)
+    haystack.build_haystacks(TOKENIZER, (2_000,), num_people=20, num_needles=20)
 
 
 def test_make_haystack_writes_the_corpora_questions_and_manifest(tmp_path):

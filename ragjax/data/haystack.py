@@ -11,44 +11,60 @@ a smaller one's, so EM against S isolates what the hay does. Needles sit at seed
 Tokens are counted with the MiniLM WordPiece tokenizer the built-in models read with (title and
 text, no special tokens): `tokens(S) <= S`, and `S - tokens(S)` is under one biography.
 
-  paths = write_haystacks("runs/haystack", sizes=(2_000, 8_000, 32_000))
+  paths = write_haystacks("runs/haystack", minilm_dir() / "tokenizer.json", (2_000, 8_000))
   # needle_questions.jsonl: {id, question, answers} (5 per needle person, identical at every S)
   # haystack_2000.jsonl, ...: {id, title, text} per passage;  manifest.json: tokens, passages
 """
 from __future__ import annotations
 
 import itertools
+import json
 import pathlib
 from typing import Sequence
 
 import numpy as np
 
 from ragjax.data.corpus import Passage, write_passages_jsonl
-from ragjax.data.synthetic import (eval_person_mask, iter_bio_passages, make_bios,
-                                   write_questions_jsonl)
+from ragjax.data.synthetic import eval_person_mask, iter_bio_passages, make_bios
 from ragjax.errors import UsageError
-from ragjax.fsutil import write_json_atomic
+from ragjax.fsutil import atomic_file, write_json_atomic
 
 HAYSTACK_TOKENS = (2_000, 8_000, 32_000, 128_000, 512_000, 2_000_000)
 DEFAULT_NEEDLES = 20  # 100 questions; their biographies take ~1,200 of the 2K haystack's tokens
 
 
-def _token_counts(passages: Sequence[Passage]) -> np.ndarray:
-  """[N] int: MiniLM WordPiece tokens of each passage's title and text (no special tokens)."""
-  import tokenizers
-
-  from ragjax.models import hf_import
-  tok = tokenizers.Tokenizer.from_file(str(hf_import.minilm_dir(verify=False) / "tokenizer.json"))
-  tok.no_truncation()
-  tok.no_padding()
+def _token_counts(tok, passages: Sequence[Passage]) -> np.ndarray:
+  """[N] int: tokens of each passage's title and text (no special tokens) under `tok`."""
   enc = tok.encode_batch([f"{p.title} {p.text}" for p in passages], add_special_tokens=False)
   return np.array([len(e.ids) for e in enc], dtype=np.int64)
 
 
-def build_haystacks(sizes: Sequence[int] = HAYSTACK_TOKENS, *, num_people: int = 2000,
-                    seed: int = 0, eval_fraction: float = 0.2,
+def load_tokenizer(tokenizer_file):
+  """A `tokenizers.Tokenizer` from `tokenizer.json`, without truncation or padding (a count of
+  real tokens). The built-in one: `ragjax.models.hf_import.minilm_dir() / "tokenizer.json"`."""
+  import tokenizers
+  tok = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+  tok.no_truncation()
+  tok.no_padding()
+  return tok
+
+
+def write_questions_jsonl(questions, path) -> None:
+  """Questions as JSON Lines `{"id", "question", "answers", "gold_passage_ids"}`, atomically."""
+  with atomic_file(path) as tmp:
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+      for q in questions:
+        f.write(json.dumps({"id": q.id, "question": q.question, "answers": list(q.answers),
+                            "gold_passage_ids": list(q.gold_passage_ids)},
+                           ensure_ascii=False) + "\n")
+
+
+def build_haystacks(tokenizer_file, sizes: Sequence[int] = HAYSTACK_TOKENS, *,
+                    num_people: int = 2000, seed: int = 0, eval_fraction: float = 0.2,
                     num_needles: int = DEFAULT_NEEDLES, chunk: int = 4096):
-  """`(needle_questions, {S: [Passage]}, stats)` for the haystack sizes `sizes` (tokens).
+  """`(needle_questions, {S: [Passage]}, stats)` for the haystack sizes `sizes`, in tokens of
+  `tokenizer_file` (a `tokenizer.json`; the built-in models' MiniLM one in `ragjax
+  make-haystack`).
 
   `stats[S]` = `{"tokens", "passages", "fillers"}`. Raises: UsageError (sizes not increasing
   positive ints, too few held-out people, needles that do not fit the smallest size)."""
@@ -64,7 +80,8 @@ def build_haystacks(sizes: Sequence[int] = HAYSTACK_TOKENS, *, num_people: int =
   needles = [world.passages[i] for i in needle_ids]
   keep = {p.id for p in needles}
   questions = [q for q in world.eval_questions if q.gold_passage_ids and q.gold_passage_ids[0] in keep]
-  needle_tokens = int(_token_counts(needles).sum())
+  tok = load_tokenizer(tokenizer_file)
+  needle_tokens = int(_token_counts(tok, needles).sum())
   if needle_tokens > sizes[0]:
     raise UsageError(f"--sizes {sizes[0]}: the {num_needles} needles alone take {needle_tokens} "
                      "tokens; give a larger smallest size or fewer --num-needles")
@@ -73,7 +90,7 @@ def build_haystacks(sizes: Sequence[int] = HAYSTACK_TOKENS, *, num_people: int =
   stream = itertools.islice(iter_bio_passages(10 ** 9, seed), num_people, None)
   while total <= sizes[-1]:
     batch = list(itertools.islice(stream, chunk))
-    counts = _token_counts(batch)
+    counts = _token_counts(tok, batch)
     fillers.extend(batch)
     filler_tokens.extend(counts.tolist())
     total += int(counts.sum())
@@ -92,12 +109,13 @@ def build_haystacks(sizes: Sequence[int] = HAYSTACK_TOKENS, *, num_people: int =
   return questions, corpora, stats
 
 
-def write_haystacks(out, sizes: Sequence[int] = HAYSTACK_TOKENS, **kwargs) -> dict[str, str]:
-  """Write `build_haystacks(sizes, **kwargs)` under `out` (module docstring); returns the paths.
-  Raises: as `build_haystacks`."""
+def write_haystacks(out, tokenizer_file, sizes: Sequence[int] = HAYSTACK_TOKENS, **kwargs
+                    ) -> dict[str, str]:
+  """Write `build_haystacks(tokenizer_file, sizes, **kwargs)` under `out` (module docstring);
+  returns the paths. Raises: as `build_haystacks`."""
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
-  questions, corpora, stats = build_haystacks(sizes, **kwargs)
+  questions, corpora, stats = build_haystacks(tokenizer_file, sizes, **kwargs)
   paths = {"needle_questions": str(out / "needle_questions.jsonl")}
   write_questions_jsonl(questions, out / "needle_questions.jsonl")
   for s, passages in corpora.items():
@@ -105,7 +123,7 @@ def write_haystacks(out, sizes: Sequence[int] = HAYSTACK_TOKENS, **kwargs) -> di
     write_passages_jsonl(passages, out / f"haystack_{s}.jsonl")
   write_json_atomic(out / "manifest.json", {
       "sizes": {str(s): v for s, v in stats.items()}, "num_questions": len(questions),
-      "tokenizer": "sentence-transformers/all-MiniLM-L6-v2 WordPiece (title + text)",
+      "tokenizer": str(tokenizer_file), "counted": "title + text, no special tokens",
       **{k: v for k, v in kwargs.items() if k != "chunk"}})
   paths["manifest"] = str(out / "manifest.json")
   return paths

@@ -447,19 +447,6 @@ def _question_json(q: Question) -> str:
                      "gold_passage_ids": list(q.gold_passage_ids)}, ensure_ascii=False)
 
 
-def write_questions_jsonl(questions, path) -> int:
-  """Write questions as JSON Lines `{"id", "question", "answers", "gold_passage_ids"}`
-  atomically (`ragjax.fsutil.atomic_file`); returns how many."""
-  from ragjax.fsutil import atomic_file
-  n = 0
-  with atomic_file(path) as tmp:
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-      for q in questions:
-        f.write(_question_json(q) + "\n")
-        n += 1
-  return n
-
-
 def write_bios(out_dir, num_people: int, seed: int = 0,
                eval_fraction: float = 0.2) -> dict[str, pathlib.Path]:
   """Streams `make_bios(num_people, seed, eval_fraction)` to JSON-lines files in `out_dir`.
