@@ -11,7 +11,11 @@ Retrieval: MiniLM bi-encoder, exact top-k on the device, K = 2, doc scores = 20 
   500/1000/1500/2000/2500); on a 2-core Intel Xeon (AVX-512, 2026-12-02), with the same code
   (bit-identical losses from that commit and from this one): 33 min 40 s, EM 0.760, F1 0.888
   (EM 0.028/0.396/0.392/0.546/0.746 at steps 500-2500): the aim, EM >= 0.8 in 20 min, depends on
-  the host.
+  the host. `--config.seed=1` on a 2-core AMD EPYC (AVX2, 2026-12-03): EM 0.678, F1 0.811
+  (0.022/0.192/0.380/0.398/0.634 at steps 500-2500). Why: the reader learns to copy one
+  attribute at a time (EM at the end, seed 1: employer 0.90, major 0.90, university 0.93, birth
+  city 0.62, birth date 0.04, the day of the month last), so EM rises in steps of ~0.2 and where
+  a run stops depends on when its last attribute clicks (README, "Results: training").
 
 The query encoder is frozen here unless `train_retriever` is given (it then trains from
 `start_steps.query_encoder`, default 1,000). Why, measured (2-core AMD EPYC, AVX2, 2026-12-01;
