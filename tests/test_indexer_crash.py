@@ -467,6 +467,17 @@ def test_wait_for_trainer_waits_for_config_json_then_names_it(tmp_path):
   assert 0.4 < time.monotonic() - t0 < 30
 
 
+def test_versions_after_the_resumed_step_are_discarded_with_their_jobs(tmp_path):
+  """The CI counterpart of the slow resume test below: only versions and open jobs of steps
+  after the resumed step go."""
+  for name in ("0", "4", "9", ".job-5", ".job-12", ".job-3"):
+    (tmp_path / "index" / name).mkdir(parents=True)
+  assert versions.discard_versions_after(tmp_path, 4) == [9]
+  assert sorted(p.name for p in (tmp_path / "index").iterdir()) == [".job-3", "0", "4"]
+  assert versions.discard_versions_after(tmp_path / "nothing_here", 4) == []
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_resume_installs_the_recorded_version_and_drops_versions_from_a_lost_future(
     no_indexer_run, env, tmp_path):
