@@ -18,14 +18,13 @@ text, no special tokens): `tokens(S) <= S`, and `S - tokens(S)` is under one bio
 from __future__ import annotations
 
 import itertools
-import json
 import pathlib
 from typing import Sequence
 
 import numpy as np
 
 from ragjax.data.corpus import Passage, write_passages_jsonl
-from ragjax.data.synthetic import eval_person_mask, iter_bio_passages, make_bios
+from ragjax.data.synthetic import eval_person_mask, iter_bio_passages, make_bios, question_json
 from ragjax.errors import UsageError
 from ragjax.fsutil import atomic_file, write_json_atomic
 
@@ -54,9 +53,7 @@ def write_questions_jsonl(questions, path) -> None:
   with atomic_file(path) as tmp:
     with open(tmp, "w", encoding="utf-8", newline="\n") as f:
       for q in questions:
-        f.write(json.dumps({"id": q.id, "question": q.question, "answers": list(q.answers),
-                            "gold_passage_ids": list(q.gold_passage_ids)},
-                           ensure_ascii=False) + "\n")
+        f.write(question_json(q) + "\n")
 
 
 def build_haystacks(tokenizer_file, sizes: Sequence[int] = HAYSTACK_TOKENS, *,
@@ -79,7 +76,8 @@ def build_haystacks(tokenizer_file, sizes: Sequence[int] = HAYSTACK_TOKENS, *,
   needle_ids = held_out[:num_needles]
   needles = [world.passages[i] for i in needle_ids]
   keep = {p.id for p in needles}
-  questions = [q for q in world.eval_questions if q.gold_passage_ids and q.gold_passage_ids[0] in keep]
+  questions = [q for q in world.eval_questions
+               if q.gold_passage_ids and q.gold_passage_ids[0] in keep]
   tok = load_tokenizer(tokenizer_file)
   needle_tokens = int(_token_counts(tok, needles).sum())
   if needle_tokens > sizes[0]:

@@ -442,7 +442,8 @@ def make_bios(num_people: int, seed: int = 0, eval_fraction: float = 0.2) -> Syn
                        eval_person_mask=mask_n)
 
 
-def _question_json(q: Question) -> str:
+def question_json(q: Question) -> str:
+  """One question as the JSON line `{"id", "question", "answers", "gold_passage_ids"}`."""
   return json.dumps({"id": q.id, "question": q.question, "answers": list(q.answers),
                      "gold_passage_ids": list(q.gold_passage_ids)}, ensure_ascii=False)
 
@@ -479,7 +480,7 @@ def write_bios(out_dir, num_people: int, seed: int = 0,
                                 ensure_ascii=False) + "\n")
       q_f = eval_f if mask_n[person.index] else train_f
       for q in questions:
-        q_f.write(_question_json(q) + "\n")
+        q_f.write(question_json(q) + "\n")
     for key, (tmp_name, f) in tmp.items():
       f.flush()
       os.fsync(f.fileno())

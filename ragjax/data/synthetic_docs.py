@@ -437,8 +437,8 @@ def write_bio_documents(out_dir, num_people: int, seed: int = 0, eval_fraction: 
   lines = {
       "corpus": [json.dumps({"id": p.id, "title": p.title, "text": p.text}, ensure_ascii=False)
                  for p in bios.passages],
-      "train_questions": [synthetic._question_json(q) for q in bios.train_questions],
-      "eval_questions": [synthetic._question_json(q) for q in bios.eval_questions],
+      "train_questions": [synthetic.question_json(q) for q in bios.train_questions],
+      "eval_questions": [synthetic.question_json(q) for q in bios.eval_questions],
   }
   paths = {key: out / f"{key}.jsonl" for key in lines}
   for key, rows in lines.items():

@@ -46,8 +46,8 @@ from ragjax.checkpoint import Checkpointer
 from ragjax.data.sources import load_data
 from ragjax.errors import IndexFormatError, UsageError
 from ragjax.fsutil import atomic_file, write_json_atomic
-from ragjax.joint.versions import (END_MARKER, collect_garbage, index_dir, latest_version,
-                                   publish_version)
+from ragjax.joint.versions import (collect_garbage, index_dir, latest_version, publish_version,
+                                   read_end_marker)
 from ragjax.retrieval.embed import corpus_fingerprint, embed_corpus, load_embeddings
 from ragjax.system.build import build_retriever
 from ragjax.system.feed import choose_index_kind
@@ -89,14 +89,6 @@ def load_tower(path) -> dict:
 def shard_range(count: int, shard: int, num_shards: int) -> tuple[int, int]:
   """Rows `[lo, hi)` of worker `shard` of `num_shards` (contiguous, sizes differ by <= 1)."""
   return count * shard // num_shards, count * (shard + 1) // num_shards
-
-
-def read_end_marker(workdir) -> str | None:
-  """The end marker's content (`W/index/END`), or None when there is none."""
-  try:
-    return (index_dir(workdir) / END_MARKER).read_text()
-  except FileNotFoundError:
-    return None
 
 
 def end_marker_written(workdir, stale: str | None = None) -> bool:

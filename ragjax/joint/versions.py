@@ -50,10 +50,17 @@ def discard_versions_after(workdir, step: int) -> list[int]:
   gone = [v for v in version_steps(workdir) if v > step]
   for v in gone:
     shutil.rmtree(index_dir(workdir) / str(v), ignore_errors=True)
-  for p in index_dir(workdir).glob(".job-*") if index_dir(workdir).is_dir() else ():
-    if p.name[5:].isdigit() and int(p.name[5:]) > step:
+  for job_step, p in _job_dirs(workdir):
+    if job_step > step:
       shutil.rmtree(p, ignore_errors=True)
   return gone
+
+
+def _job_dirs(workdir) -> list[tuple[int, pathlib.Path]]:
+  """`(step, path)` of the indexer jobs `W/index/.job-<step>/` (open or abandoned)."""
+  d = index_dir(workdir)
+  return [(int(p.name[5:]), p) for p in (d.glob(".job-*") if d.is_dir() else ())
+          if p.name[5:].isdigit()]
 
 
 def latest_version(workdir) -> int | None:
@@ -145,8 +152,8 @@ def collect_garbage(workdir, keep: int) -> list[int]:
       if p.name.split(sep)[0].lstrip(".").isdigit():
         shutil.rmtree(p, ignore_errors=True)
   newest = steps[-1] if steps else -1
-  for p in index_dir(workdir).glob(".job-*"):  # jobs overtaken by a newer version
-    if p.name[5:].isdigit() and int(p.name[5:]) <= newest:
+  for job_step, p in _job_dirs(workdir):  # jobs overtaken by a newer version
+    if job_step <= newest:
       shutil.rmtree(p, ignore_errors=True)
   return deleted
 
@@ -158,3 +165,11 @@ def write_end_marker(workdir) -> None:
 
 def clear_end_marker(workdir) -> None:
   (index_dir(workdir) / END_MARKER).unlink(missing_ok=True)
+
+
+def read_end_marker(workdir) -> str | None:
+  """The end marker's content, or None when there is none."""
+  try:
+    return (index_dir(workdir) / END_MARKER).read_text()
+  except FileNotFoundError:
+    return None
