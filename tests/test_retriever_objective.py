@@ -147,16 +147,22 @@ def test_in_batch_negatives_join_the_emdr_softmax_with_no_target_mass(setup):
                  np.float64)
   emb = emb.astype(np.float64)
   t_r = 0.5
-  ref = []
+  ref, mass, gap = [], [], []
   for i in range(b):
     cols = [(i, j) for j in range(k)] + [(o, j) for o in range(b) if o != i for j in range(k)
                                          if ids[o, j] not in ids[i]]
-    s = np.array([q[i] @ emb[o, j] * model.doc_score_scale for o, j in cols]) / t_r
+    raw = np.array([q[i] @ emb[o, j] * model.doc_score_scale for o, j in cols])
+    s = raw / t_r
     log_p = s - np.log(np.exp(s - s.max()).sum()) - s.max()
     ref.append(-np.log(np.sum(np.exp(log_p[:k] + own[i]))))
+    mass.append(np.exp(log_p[k:]).sum())
+    gap.append(raw[:k].max() - raw[k:].max())
   kw = dict(retriever_loss="emdr2", retriever_temperature=t_r)
   _, aux = jax.jit(lambda p: rag_loss(model, p, batch, "rag_token", in_batch_negatives=True,
                                       **kw))(params)
   np.testing.assert_allclose(float(aux["retriever_loss"]), np.mean(ref), rtol=1e-5)
+  # the negatives' share of the objective's softmax and their distance below the own passages
+  np.testing.assert_allclose(float(aux["negative_mass"]), np.mean(mass), rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(float(aux["negative_gap"]), np.mean(gap), rtol=1e-4, atol=1e-5)
   _, plain = jax.jit(lambda p: rag_loss(model, p, batch, "rag_token", **kw))(params)
   assert float(aux["retriever_loss"]) > float(plain["retriever_loss"])  # more mass to share

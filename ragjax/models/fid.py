@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from ragjax.models.rag import (RagModel, batch_doc_scores, batch_targets, doc_score_stats,
-                               in_batch_scores, pad_negatives)
+                               in_batch_scores, negative_stats, pad_negatives)
 from ragjax.objectives import rag_losses as losses
 from ragjax.objectives import retriever_losses
 
@@ -172,6 +172,8 @@ def fid_loss(model: RagModel, params, batch: dict, label_smoothing: float = 0.0,
                                   retriever_temperature, target_temperature,
                                   (dec_bt, targets_bt, mask_bt), null_baseline, negatives)
   aux.update(retriever_loss=r_loss, **r_aux)
+  if negatives is not None:
+    aux.update(negative_stats(negatives, k_r, retriever_temperature))
   return loss + retriever_weight * r_loss, aux
 
 

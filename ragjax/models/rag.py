@@ -313,6 +313,8 @@ def rag_loss(model: RagModel, params, batch: dict, loss_name: str = "rag_token",
     r_loss = retriever_objective(retriever_loss, objective_scores, objective_stats,
                                  retriever_temperature, target_temperature, null_baseline,
                                  reader_k_r=k_r)
+    if in_batch_negatives:
+      extra.update(negative_stats(objective_scores, k_r, retriever_temperature))
     loss = loss + retriever_weight * r_loss
     extra["retriever_loss"] = r_loss
   tokens_b = stats.num_tokens_b
@@ -367,6 +369,22 @@ def pad_negatives(target_bk: Array, width: int) -> Array:
   in-batch negatives of `in_batch_scores`)."""
   b, k = target_bk.shape
   return jnp.concatenate([target_bk, jnp.full((b, width - k), -jnp.inf, jnp.float32)], axis=1)
+
+
+def negative_stats(obj_scores_bn: Array, k_r: int, retriever_temperature: float) -> dict:
+  """Logging statistics of a retriever objective's negatives, under stop-gradient: scores
+  `[B, N]` (the first `k_r` columns the query's own passages, the rest its negatives, -inf =
+  none). `negative_mass`: the batch mean of the retriever softmax(s / retriever_temperature)
+  mass on the negatives (the force by which they hold the ranking: ~0 when they sit many nats
+  below the own passages); `negative_gap`: the batch mean of the best own score minus the best
+  negative score, in doc-score units (0 where a row has no negative). float32 scalars."""
+  s_bn = jax.lax.stop_gradient(obj_scores_bn).astype(jnp.float32)
+  p_bn = jax.nn.softmax(jnp.where(jnp.isfinite(s_bn), s_bn / retriever_temperature, -jnp.inf),
+                        axis=-1)
+  mass_b = jnp.sum(jnp.where(jnp.isfinite(s_bn[:, k_r:]), p_bn[:, k_r:], 0.0), axis=-1)
+  gap_b = jnp.max(s_bn[:, :k_r], axis=-1) - jnp.max(s_bn[:, k_r:], axis=-1)
+  return dict(negative_mass=jnp.mean(mass_b),
+              negative_gap=jnp.mean(jnp.where(jnp.isfinite(gap_b), gap_b, 0.0)))
 
 
 def _with_in_batch_negatives(model, params, batch, scores_bk, stats, rngs):

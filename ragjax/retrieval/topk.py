@@ -8,10 +8,12 @@ train step's device-side retrieval and `ExactIndex` use; no gradient flows throu
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -123,3 +125,81 @@ def exclude_rows(rows_bm, exclude_be, k: int, *, xp=jnp):
                   axis=-1)
   key_bm = xp.where(hit_bm, m, 0) + xp.arange(m)[None, :]   # kept rows first, in their order
   return xp.argsort(key_bm, axis=1)[:, :k].astype(xp.int32)
+
+
+def sharded_top_k(query_bd: Array, corpus_nd: Array, k: int, *, mesh, axes, num_rows: int,
+                  payloads: tuple = (), chunk: int = 65536) -> tuple[TopK, tuple]:
+  """Exact MIPS top-k over a corpus whose rows are sharded across devices (and hosts): each shard
+  takes its local top-k, the candidates (scores, global rows, vectors, payload rows) are
+  all-gathered, and a final top-k merges them (Atlas `src/index.py`'s sharded search; TOME and
+  REVEAL's in-graph top-k). Equal to `device_top_k` on the whole corpus: the global top k of a
+  union of shards is within the union of each shard's top k (ties broken by lower row).
+
+  Jittable, written with `jax.shard_map`; `k`, `num_rows`, `chunk` static.
+
+  Args:
+    query_bd: `[B, D]` float queries (replicated into every shard: the all-gather of the queries).
+    corpus_nd: `[S * n_local, D]` float, rows sharded over mesh `axes` (`PartitionSpec(axes,
+      None)`); rows at or past `num_rows` are padding and never returned.
+    k: neighbours per query, `1 <= k <= num_rows`.
+    mesh: the `jax.sharding.Mesh`; `axes`: a mesh axis name or tuple (the `corpus` rule).
+    num_rows: the real corpus size N.
+    payloads: arrays `[S * n_local, ...]` sharded like the corpus (e.g. the passages' token
+      table): each candidate's row of each is gathered on the shard that holds it, so no
+      process needs the whole table.
+  Returns:
+    `(TopK(doc_ids [B, k] int32 global rows, scores [B, k] float32, embeddings [B, k, D]),
+    tuple of payload rows [B, k, ...])`, best first, replicated.
+  Raises:
+    ValueError when k is outside [1, num_rows], the rows do not split evenly over the shards,
+    a payload has other rows than the corpus, or the dimensions differ.
+  """
+  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
+  names = (axes,) if isinstance(axes, str) else tuple(axes)
+  shards = int(math.prod(mesh.shape[a] for a in names))
+  n_pad, d = corpus_nd.shape
+  if not 1 <= k <= num_rows <= n_pad:
+    raise ValueError(f"sharded_top_k: k={k} must be in [1, N={num_rows}] and N <= the corpus "
+                     f"rows {n_pad}")
+  if n_pad % shards:
+    raise ValueError(f"sharded_top_k: {n_pad} corpus rows do not split over {shards} shards "
+                     f"(mesh axes {names}); pad them (`pad_rows`)")
+  if query_bd.shape[-1] != d:
+    raise ValueError(f"sharded_top_k: queries {query_bd.shape} and corpus {corpus_nd.shape} "
+                     "differ in dimension")
+  for p in payloads:
+    if p.shape[0] != n_pad:
+      raise ValueError(f"sharded_top_k: payload of {p.shape[0]} rows for {n_pad} corpus rows")
+  n_local = n_pad // shards
+  k_local = min(k, n_local)
+  spec = P(names)
+
+  def local(q_bd, c_nd, *p_local):
+    shard = jax.lax.axis_index(names)
+    first = shard * n_local
+    real = jnp.clip(num_rows - first, 0, n_local)       # this shard's real rows
+    blocks = block_corpus(c_nd, min(chunk, n_local))
+    s_bk, r_bk = topk_blocks(q_bd, blocks, n_local, k_local)
+    s_bk = jnp.where(r_bk < real, s_bk, -jnp.inf)         # padding rows never win
+    emb_bkd = jnp.take(c_nd, r_bk, axis=0)
+    rows_p = tuple(jnp.take(p, r_bk, axis=0) for p in p_local)
+    gather = lambda x: jax.lax.all_gather(x, names, axis=1, tiled=True)   # [B, S * k_local]
+    return (gather(s_bk), gather(r_bk + first), gather(emb_bkd)) + tuple(map(gather, rows_p))
+
+  out = jax.shard_map(local, mesh=mesh, in_specs=(P(), spec) + (spec,) * len(payloads),
+                      out_specs=P(), check_vma=False)(
+                          jax.lax.stop_gradient(query_bd), corpus_nd, *payloads)
+  cand_s, cand_r, cand_emb, *cand_p = out
+  # lower row first among equal scores, as one top_k over the whole corpus
+  order = jnp.lexsort((cand_r, -cand_s), axis=-1)[:, :k]
+  pick = lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), 1)
+  top = TopK(pick(cand_r).astype(jnp.int32), pick(cand_s), pick(cand_emb))
+  return top, tuple(map(pick, cand_p))
+
+
+def pad_rows(x: np.ndarray, shards: int) -> np.ndarray:
+  """`[N, ...]` -> `[ceil(N / shards) * shards, ...]`, zero rows appended (the row count that
+  `sharded_top_k` splits evenly; it never returns the padding)."""
+  n = x.shape[0]
+  extra = -n % int(shards)
+  return x if not extra else np.concatenate([x, np.zeros((extra,) + x.shape[1:], x.dtype)])

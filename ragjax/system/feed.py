@@ -2,11 +2,12 @@
 
 Two ways behind one interface (`Feeder`), chosen by `cfg.index.kind` ("auto" picks by size):
 
-* `device` (`DeviceFeeder`): the passage embeddings `[N, D]` live on the mesh (rows sharded by
-  the `corpus` rule when N divides, else replicated) with the passage-part token table; one
-  jitted `retrieve` encodes the queries with the live query encoder, takes the exact top-k
-  (`device_top_k`, MIPS on the accelerator) and assembles the generator inputs `[B, K, L]`
-  without leaving the device.
+* `device` (`DeviceFeeder`): the passage embeddings `[N, D]` and the token tables live on the
+  mesh, rows sharded over the `corpus` rule's axes (padded to a multiple of the shards) or
+  replicated when it maps to none; one jitted `retrieve` encodes the queries with the live
+  query encoder, takes the exact top-k (each shard's own top-k merged into the global one,
+  `topk.sharded_top_k`, each row's tokens gathered on its shard; `device_top_k` unsharded) and
+  assembles the generator inputs `[B, K, L]` without leaving the device.
 * `scann` / `exact_host` (`HostFeeder`): the queries are encoded on the device (live query
   encoder), gathered to the host, searched with ScaNN (`ragjax.retrieval.scann_index`) or the
   exact index, and each process assembles its rows of the generator inputs with numpy before
@@ -40,9 +41,9 @@ from ragjax.models.rag import RagModel
 from ragjax.retrieval.hybrid import reciprocal_rank_fusion
 from ragjax.retrieval.index import ExactIndex
 from ragjax.retrieval.scann_index import ScannIndex
-from ragjax.retrieval.topk import device_top_k, exclude_rows
+from ragjax.retrieval.topk import device_top_k, exclude_rows, pad_rows, sharded_top_k
 from ragjax.system.build import RagSystem
-from ragjax.system.inputs import assemble_contexts
+from ragjax.system.inputs import assemble_contexts, assemble_gathered
 
 log = logging.getLogger("ragjax")
 STEP_KEYS = ("query_input_ids", "query_attention_mask", "passage_embeddings",
@@ -128,13 +129,14 @@ class Feeder:
   def _rerank_rows(self, params, q_bd, rows_bc, p_ids_bcl, p_mask_bcl):
     """Atlas's over-retrieve-then-rerank (Izacard et al. 2022, §2.4): C candidates from the
     (possibly stale) index are re-embedded with the live passage encoder and the top K by
-    `q·d` kept: `(rows [B, K] int32, live embeddings [B, K, D] float32)`. No gradient."""
+    `q·d` kept: `(rows [B, K] int32, live embeddings [B, K, D] float32, positions [B, K] into
+    the C candidates)`. No gradient."""
     live = jax.lax.stop_gradient(self.model.apply({"params": params}, p_ids_bcl, p_mask_bcl,
                                                   method=RagModel.encode_passages))
     scores = jnp.einsum("bd,bcd->bc", q_bd.astype(jnp.float32), live.astype(jnp.float32))
     _, j = jax.lax.top_k(scores, self.k)
     return (jnp.take_along_axis(rows_bc, j, axis=1),
-            jnp.take_along_axis(live, j[..., None], axis=1).astype(jnp.float32))
+            jnp.take_along_axis(live, j[..., None], axis=1).astype(jnp.float32), j)
 
   def _encode_fn(self):
     """Jitted live query encoder: `q_bd [B, D]`, replicated on every device."""
@@ -310,41 +312,68 @@ class DeviceFeeder(Feeder):
     self._retrieve = None
     self._deep = {}
 
-  def _corpus_sharding(self, n: int) -> NamedSharding:
+  @property
+  def corpus_axes(self) -> tuple:
+    """The mesh axes the corpus rows are sharded over (the `corpus` logical rule; () = none)."""
     axes = dict(self.rules).get(sh.CORPUS)
-    size = sh.mesh_axes_size(self.mesh, axes)
-    spec = PartitionSpec(axes, None) if size > 1 and n % size == 0 else PartitionSpec()
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return names if sh.mesh_axes_size(self.mesh, names) > 1 else ()
+
+  def _rows_sharding(self, ndim: int) -> NamedSharding:
+    spec = PartitionSpec(self.corpus_axes or None, *(None,) * (ndim - 1))
     return NamedSharding(self.mesh, spec)
+
+  def _put_rows(self, x: np.ndarray) -> jax.Array:
+    """A per-passage array `[N, ...]` onto the mesh, rows sharded like the corpus (padded to a
+    multiple of the shards: `topk.pad_rows`) or replicated when the corpus rule is off."""
+    shards = sh.mesh_axes_size(self.mesh, self.corpus_axes)
+    return jax.device_put(pad_rows(np.asarray(x), shards), self._rows_sharding(np.ndim(x)))
 
   def set_corpus(self, embeddings_nd: np.ndarray, index=None) -> None:
     if self.system.closed_book:
       return
     emb = np.asarray(embeddings_nd, np.float32)
-    self.corpus = jax.device_put(emb, self._corpus_sharding(len(emb)))
-    if self._tables is None:
-      rep = NamedSharding(self.mesh, PartitionSpec())
+    self.num_rows = len(emb)
+    self.corpus = self._put_rows(emb)
+    if self._tables is None:  # the token tables live with their rows' shard
       tables = (self.system.tables.ids, self.system.tables.lengths)
       if self.reencode or self.candidates:
         tables += self.passage_token_table()
-      self._tables = tuple(jax.device_put(t, rep) for t in tables)
+      self._tables = tuple(self._put_rows(t) for t in tables)
+
+  def _search(self, q_bd, corpus_nd, depth: int, tables=()):
+    """`(TopK, rows of each table [B, depth, ...])`: exact top-`depth` MIPS over the corpus, per
+    shard and merged when the corpus is sharded (`topk.sharded_top_k`), else `device_top_k`."""
+    chunk = min(self.chunk, corpus_nd.shape[0])
+    if self.corpus_axes:
+      return sharded_top_k(q_bd, corpus_nd, depth, mesh=self.mesh, axes=self.corpus_axes,
+                           num_rows=self.num_rows, payloads=tuple(tables), chunk=chunk)
+    top = device_top_k(q_bd, corpus_nd, depth, chunk=chunk)
+    return top, tuple(t[top.doc_ids] for t in tables)
 
   def _retrieve_fn(self):
     if self._retrieve is None:
-      model, k, pad, chunk = self.model, self.k, self.pad_id, self.chunk
+      model, k, pad = self.model, self.k, self.pad_id
       depth, kept, reencode, rerank = self.depth, self.kept, self.reencode, self._rerank_rows
 
       def retrieve(params, q_ids, q_mask, question_ids, question_lengths, exclude_be, corpus_nd,
-                   t_ids, t_len, *p_tables):
+                   *tables):
         q_bd = model.apply({"params": params}, q_ids, q_mask, method=RagModel.encode_query)
-        top = device_top_k(q_bd, corpus_nd, depth, chunk=min(chunk, corpus_nd.shape[0]))
+        # each retrieved row's tokens come from the shard that holds the row
+        top, got = self._search(q_bd, corpus_nd, depth, tables)
         rows, emb = top.doc_ids, top.embeddings
+        along = lambda x, pos: jnp.take_along_axis(x, pos.reshape(pos.shape + (1,) * (x.ndim - 2)),
+                                                   1)
         if depth > kept:  # drop the excluded rows (none reach the batch: `exclude_rows`)
           pos = exclude_rows(rows, exclude_be, kept)
-          rows, emb = jnp.take_along_axis(rows, pos, 1), jnp.take_along_axis(emb, pos[..., None], 1)
+          rows, emb, got = along(rows, pos), along(emb, pos), tuple(along(t, pos) for t in got)
+        t_ids, t_len, *p_rows = got
         if kept > k:
-          rows, emb = rerank(params, q_bd, rows, *(t[rows] for t in p_tables))
-        ids, mask = assemble_contexts(t_ids, t_len, question_ids, question_lengths, rows, pad)
-        passages = tuple(t[rows] for t in p_tables) if reencode else ()  # [B, K, Lp] each
+          rows, emb, pos = rerank(params, q_bd, rows, *p_rows)
+          t_ids, t_len, p_rows = along(t_ids, pos), along(t_len, pos), [along(t, pos)
+                                                                         for t in p_rows]
+        ids, mask = assemble_gathered(t_ids, t_len, question_ids, question_lengths, pad)
+        passages = tuple(p_rows) if reencode else ()  # [B, K, Lp] each
         return (emb, ids, mask, rows) + passages
 
       b2, b3 = self.batch_sharding(2), self.batch_sharding(3)
@@ -370,10 +399,9 @@ class DeviceFeeder(Feeder):
     depth = min(int(depth), len(self.system.passages))
     with self._mesh_context():
       if depth not in self._deep:
-        model, chunk = self.model, self.chunk
-        self._deep[depth] = jax.jit(lambda p, q, m, c: device_top_k(
-            model.apply({"params": p}, q, m, method=RagModel.encode_query), c, depth,
-            chunk=min(chunk, c.shape[0])).doc_ids,
+        model = self.model
+        self._deep[depth] = jax.jit(lambda p, q, m, c: self._search(
+            model.apply({"params": p}, q, m, method=RagModel.encode_query), c, depth)[0].doc_ids,
             out_shardings=NamedSharding(self.mesh, PartitionSpec()))
       rows = self._deep[depth](params, batch["query_input_ids"],
                                batch["query_attention_mask"], self.corpus)
@@ -434,8 +462,8 @@ class HostFeeder(Feeder):
         self._rerank = jax.jit(self._rerank_rows)
       p_ids, p_mask = self.passage_token_table()
       with self._mesh_context():
-        rows, live = jax.device_get(self._rerank(params, q_local, rows, p_ids[rows],
-                                                 p_mask[rows]))
+        rows, live, _ = jax.device_get(self._rerank(params, q_local, rows, p_ids[rows],
+                                                    p_mask[rows]))
       rows = np.asarray(rows)
     t = self.system.tables
     ids, mask = assemble_contexts(t.ids, t.lengths, host["question_ids"],

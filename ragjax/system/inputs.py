@@ -111,15 +111,23 @@ def assemble_contexts(table_ids_nl, table_lengths_n, question_ids_bq, question_l
   `[B, Q]` / `question_lengths_b` `[B]` (` // question [eos]`, Q <= L). `xp` is `jnp` (inside jit,
   on the device) or `np` (host-side retrieval); both give the same result.
   """
-  length = table_ids_nl.shape[1]
+  return assemble_gathered(table_ids_nl[rows_bk], table_lengths_n[rows_bk], question_ids_bq,
+                           question_lengths_b, pad_id, xp)
+
+
+def assemble_gathered(passage_ids_bkl, passage_lengths_bk, question_ids_bq, question_lengths_b,
+                      pad_id: int, xp=jnp):
+  """`assemble_contexts` from the retrieved rows' table entries already gathered (`[B, K, L]`
+  ids, `[B, K]` lengths; the sharded search gathers them on the shard that holds each row)."""
+  p_bkl = passage_ids_bkl
+  length = p_bkl.shape[2]
   q = question_ids_bq.shape[1]
-  p_bkl = table_ids_nl[rows_bk]                                    # [B, K, L]
   qlen_b11 = question_lengths_b[:, None, None]
-  plen_bk1 = xp.minimum(table_lengths_n[rows_bk][..., None], length - qlen_b11)
+  plen_bk1 = xp.minimum(passage_lengths_bk[..., None], length - qlen_b11)
   j_l = xp.arange(length)[None, None, :]
   qpos_bkl = xp.clip(j_l - plen_bk1, 0, q - 1)
   q_bkl = xp.take_along_axis(xp.broadcast_to(question_ids_bq[:, None, :],
-                                             (*rows_bk.shape, q)), qpos_bkl, axis=2)
+                                             (*p_bkl.shape[:2], q)), qpos_bkl, axis=2)
   in_passage = j_l < plen_bk1
   in_question = (j_l >= plen_bk1) & (j_l < plen_bk1 + qlen_b11)
   ids = xp.where(in_passage, p_bkl, xp.where(in_question, q_bkl, pad_id))

@@ -1,0 +1,87 @@
+"""Host/device-sharded exact top-k (`topk.sharded_top_k`): every shard's local top-k merged into
+one global top-k equals the top-k of one device over the whole corpus and numpy brute force."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+from ragjax.retrieval.topk import device_top_k, pad_rows, sharded_top_k
+
+
+def _data(n, d, b, seed):
+  rng = np.random.default_rng(seed)
+  return (rng.standard_normal((n, d)).astype(np.float32),
+          rng.standard_normal((b, d)).astype(np.float32))
+
+
+@pytest.mark.parametrize("n,k,shape", [(1003, 10, (8,)), (64, 20, (2, 4)), (9, 9, (8,))])
+def test_sharded_top_k_equals_one_device_and_brute_force(n, k, shape):
+  """Ragged N (padding rows on the last shards), k above a shard's rows (9 rows on 8 shards)
+  and a 2-D mesh sharded over both axes; token payload rows come from the owning shard."""
+  names = ("data", "fsdp")[:len(shape)]
+  mesh = jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape))
+  corpus, q = _data(n, 16, 5, n)
+  tokens = np.arange(n * 3, dtype=np.int32).reshape(n, 3)
+  shards = int(np.prod(shape))
+  put = lambda x: jax.device_put(pad_rows(x, shards), NamedSharding(
+      mesh, PartitionSpec(names, *(None,) * (x.ndim - 1))))
+  fn = jax.jit(lambda q_, c, t: sharded_top_k(q_, c, k, mesh=mesh, axes=names, num_rows=n,
+                                              payloads=(t,), chunk=50))
+  top, (tok,) = fn(jnp.asarray(q), put(corpus), put(tokens))
+  want_rows = np.argsort(-(q @ corpus.T), axis=1, kind="stable")[:, :k]
+  np.testing.assert_array_equal(np.asarray(top.doc_ids), want_rows)
+  one = device_top_k(jnp.asarray(q), jnp.asarray(corpus), k)
+  np.testing.assert_array_equal(np.asarray(top.doc_ids), np.asarray(one.doc_ids))
+  np.testing.assert_allclose(np.asarray(top.scores), np.asarray(one.scores), rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(top.embeddings), corpus[want_rows])
+  np.testing.assert_array_equal(np.asarray(tok), tokens[want_rows])
+
+
+def test_sharded_top_k_refuses_uneven_rows_and_k_beyond_the_corpus():
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+  corpus, q = _data(12, 4, 2, 0)
+  with pytest.raises(ValueError, match="do not split over 8 shards"):
+    sharded_top_k(jnp.asarray(q), jnp.asarray(corpus), 2, mesh=mesh, axes="data", num_rows=12)
+  with pytest.raises(ValueError, match=r"k=17 must be in \[1, N=12\]"):
+    sharded_top_k(jnp.asarray(q), jnp.asarray(pad_rows(corpus, 8)), 17, mesh=mesh,
+                  axes="data", num_rows=12)
+
+
+def _feeder_batch(tmp_path, mesh_axes, num_devices, **extra):
+  from ragjax import config as config_lib
+  from ragjax.training.loop import Run
+  from ragjax.training.state import init_state
+  overrides = {"mesh.axes": mesh_axes, "mesh.num_devices": num_devices,
+               "train.tensorboard": "false", "data.num_people": 61, **extra}
+  cfg = config_lib.apply_overrides(config_lib.load_config("experiments/bios.py:smoke"),
+                                   [f"{k}={v}" for k, v in overrides.items()])
+  run = Run(cfg, tmp_path)
+  state = init_state(run.model, run.tx, run.shapes, run.system.host_towers(), 0)
+  run.feeder.set_corpus(run.corpus_embeddings(state.params))
+  qs = run.system.train_questions[:8]
+  batch = run.feeder.batch(state.params, qs)
+  deep = run.feeder.top_rows(state.params, run.feeder.query_batch(qs), 7)
+  return run, jax.tree.map(np.asarray, jax.device_get(batch)), deep
+
+
+@pytest.mark.parametrize("extra", [{}, {"model.reencode_passages": "true", "optim.freeze": "()",
+                                        "index.refresh.mode": "async",
+                                        "index.refresh.spawn_indexer": "false",
+                                        "model.rerank_candidates": 5}])
+def test_feeder_on_a_sharded_corpus_builds_the_single_device_batch(tmp_path, extra):
+  """61 passages over 8 corpus shards (3 padding rows): the step batch (rows, vectors, generator
+  contexts, re-encoding tokens; Atlas re-ranking of 5 candidates) and a deeper search equal the
+  one-device feeder's."""
+  one_run, one, one_deep = _feeder_batch(tmp_path / "one", "(('data', 1), ('fsdp', 1), "
+                                         "('tensor', 1))", 1, **extra)
+  run, eight, deep = _feeder_batch(tmp_path / "eight", "(('data', 8), ('fsdp', 1), "
+                                   "('tensor', 1))", 8, **extra)
+  assert len(run.system.passages) == 61 and run.feeder.corpus_axes == ("data", "fsdp")
+  assert run.feeder.corpus.shape[0] == 64 and len(run.feeder.corpus.sharding.device_set) == 8
+  assert set(one) == set(eight)
+  for key in one:
+    np.testing.assert_allclose(eight[key], one[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  np.testing.assert_array_equal(deep, one_deep)
+  assert deep.max() < 61
