@@ -1,5 +1,9 @@
 """Host/device-sharded exact top-k (`topk.sharded_top_k`): every shard's local top-k merged into
 one global top-k equals the top-k of one device over the whole corpus and numpy brute force."""
+import json
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,3 +89,55 @@ def test_feeder_on_a_sharded_corpus_builds_the_single_device_batch(tmp_path, ext
     np.testing.assert_allclose(eight[key], one[key], rtol=1e-5, atol=1e-6, err_msg=key)
   np.testing.assert_array_equal(deep, one_deep)
   assert deep.max() < 61
+
+
+_WORKER = r'''
+import json, sys
+import jax, numpy as np
+from jax.sharding import AxisType
+from ragjax.retrieval.topk import rows_on_mesh, sharded_top_k
+pid, port, path, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+corpus = np.load(path, mmap_mode="r")
+read = set()
+class Rows:  # a memmap that records which rows this process reads
+  shape = corpus.shape
+  def __getitem__(self, s):
+    read.update(range(*s.indices(corpus.shape[0])))
+    return corpus[s]
+q = np.random.default_rng(1).standard_normal((6, corpus.shape[1])).astype(np.float32)
+top, _ = jax.jit(lambda q_, c: sharded_top_k(q_, c, 10, mesh=mesh, axes="data",
+                                             num_rows=corpus.shape[0], chunk=64))(
+    rows_on_mesh(q, mesh), rows_on_mesh(Rows(), mesh, "data"))
+rows = np.asarray(top.doc_ids.addressable_data(0))
+json.dump({"rows": rows.tolist(), "read": sorted(read)}, open(out, "w"))
+'''
+
+
+def test_two_processes_each_read_half_the_corpus_and_return_the_global_top_k(tmp_path):
+  """2 processes x 4 CPU devices (jax.distributed on 127.0.0.1, gloo): each process pages in
+  only the rows of its own 4 shards from a memmapped [1003, 16] corpus, and both return the
+  top-10 of numpy brute force over the whole corpus."""
+  from test_multiprocess_train import env_with, free_port
+  corpus, _ = _data(1003, 16, 6, 7)
+  q = np.random.default_rng(1).standard_normal((6, 16)).astype(np.float32)
+  np.save(tmp_path / "corpus.npy", corpus)
+  (tmp_path / "worker.py").write_text(_WORKER)
+  port = free_port()
+  procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(i), str(port),
+                             str(tmp_path / "corpus.npy"), str(tmp_path / f"out{i}.json")],
+                            env=env_with(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+           for i in range(2)]
+  try:
+    logs = [p.communicate(timeout=240)[0].decode()[-3000:] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert all(p.returncode == 0 for p in procs), logs
+  want = np.argsort(-(q @ corpus.T), axis=1, kind="stable")[:, :10]
+  shard = 1008 // 8   # 1003 rows padded to 1008: 126 per device, 4 devices per process
+  for i in range(2):
+    got = json.loads((tmp_path / f"out{i}.json").read_text())
+    np.testing.assert_array_equal(np.asarray(got["rows"]), want)
+    assert got["read"] == list(range(4 * shard * i, min(4 * shard * (i + 1), 1003)))

@@ -203,3 +203,29 @@ def pad_rows(x: np.ndarray, shards: int) -> np.ndarray:
   n = x.shape[0]
   extra = -n % int(shards)
   return x if not extra else np.concatenate([x, np.zeros((extra,) + x.shape[1:], x.dtype)])
+
+
+def rows_on_mesh(x, mesh, axes=()) -> jax.Array:
+  """A per-passage array `[N, ...]` (numpy, or anything sliceable by rows such as a
+  `np.load(..., mmap_mode="r")` memmap) as a global `jax.Array` with rows sharded over mesh
+  `axes` (padded with zero rows to a multiple of the shards; () = replicated). Each process
+  reads only the row ranges of its own devices' shards (`jax.make_array_from_callback`), so a
+  memmapped corpus is paged in 1/P per process."""
+  names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  shards = int(math.prod(mesh.shape[a] for a in names)) if names else 1
+  n = x.shape[0]
+  n_pad = n + (-n % shards)
+  shape = (n_pad,) + tuple(x.shape[1:])
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
+  sharding = NamedSharding(mesh, P(names or None, *(None,) * (len(shape) - 1)))
+
+  def rows(index):
+    r = index[0]
+    lo, hi = r.start or 0, n_pad if r.stop is None else r.stop
+    real = np.asarray(x[min(lo, n):min(hi, n)])
+    if hi - lo > real.shape[0]:
+      real = np.concatenate([real, np.zeros((hi - lo - real.shape[0],) + real.shape[1:],
+                                            real.dtype)])
+    return real[(slice(None),) + tuple(index[1:])]
+
+  return jax.make_array_from_callback(shape, sharding, rows)

@@ -41,7 +41,7 @@ from ragjax.models.rag import RagModel
 from ragjax.retrieval.hybrid import reciprocal_rank_fusion
 from ragjax.retrieval.index import ExactIndex
 from ragjax.retrieval.scann_index import ScannIndex
-from ragjax.retrieval.topk import device_top_k, exclude_rows, pad_rows, sharded_top_k
+from ragjax.retrieval.topk import device_top_k, exclude_rows, rows_on_mesh, sharded_top_k
 from ragjax.system.build import RagSystem
 from ragjax.system.inputs import assemble_contexts, assemble_gathered
 
@@ -323,17 +323,18 @@ class DeviceFeeder(Feeder):
     spec = PartitionSpec(self.corpus_axes or None, *(None,) * (ndim - 1))
     return NamedSharding(self.mesh, spec)
 
-  def _put_rows(self, x: np.ndarray) -> jax.Array:
+  def _put_rows(self, x) -> jax.Array:
     """A per-passage array `[N, ...]` onto the mesh, rows sharded like the corpus (padded to a
-    multiple of the shards: `topk.pad_rows`) or replicated when the corpus rule is off."""
-    shards = sh.mesh_axes_size(self.mesh, self.corpus_axes)
-    return jax.device_put(pad_rows(np.asarray(x), shards), self._rows_sharding(np.ndim(x)))
+    multiple of the shards: `topk.rows_on_mesh`) or replicated when the corpus rule is off."""
+    return rows_on_mesh(x, self.mesh, self.corpus_axes)
 
   def set_corpus(self, embeddings_nd: np.ndarray, index=None) -> None:
     if self.system.closed_book:
       return
-    emb = np.asarray(embeddings_nd, np.float32)
-    self.num_rows = len(emb)
+    # a float32 memmap stays lazy: each process pages in only its shards' rows
+    emb = embeddings_nd if getattr(embeddings_nd, "dtype", None) == np.float32 else np.asarray(
+        embeddings_nd, np.float32)
+    self.num_rows = emb.shape[0]
     self.corpus = self._put_rows(emb)
     if self._tables is None:  # the token tables live with their rows' shard
       tables = (self.system.tables.ids, self.system.tables.lengths)
