@@ -64,9 +64,12 @@ def test_squad_open_joint_smoke_trains_both_encoders_with_index_versions(tmp_pat
 @pytest.mark.parametrize("row", ["closed_book", "frozen", "hybrid", "dpr", "query_ft", "joint",
                                  "pretrain", "finetune"])
 def test_every_rag2_row_is_a_valid_config(row):
-  extra = [f"row={row},in_batch=True"] if row in ("query_ft", "joint", "finetune") else []
+  extra = [f"row={row},in_batch=True", f"row={row},objective=adist"] if row in (
+      "query_ft", "joint", "finetune") else []
   for arg in (f"row={row}", f"row={row},smoke", *extra):
     cfg = config_lib.load_config(f"experiments/bios_documents.py:{arg}")
     config_lib.validate(cfg, data=False)
   with pytest.raises(config_lib.ConfigError, match="row 'frozn'"):
     config_lib.load_config("experiments/bios_documents.py:row=frozn")
+  with pytest.raises(config_lib.ConfigError, match="objective 'adistt'"):
+    config_lib.load_config("experiments/bios_documents.py:row=query_ft,objective=adistt")
