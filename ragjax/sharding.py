@@ -137,7 +137,11 @@ def batch_shards(mesh: Mesh, rules) -> int:
   return mesh_axes_size(mesh, dict(check_rules(rules, mesh)).get(BATCH))
 
 
+def axis_names(axes) -> tuple:
+  """A mesh axis name, a tuple of them, or None -> a tuple of names (() for None)."""
+  return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
 def mesh_axes_size(mesh: Mesh, axes) -> int:
   """Devices along `axes` (a mesh axis name, a tuple of them, or None = 1) of `mesh`."""
-  names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-  return int(np.prod([mesh.shape[a] for a in names]))
+  return int(np.prod([mesh.shape[a] for a in axis_names(axes)]))

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from jax.sharding import AxisType
 
-from ragjax.retrieval.topk import device_top_k, pad_rows, sharded_top_k
+from ragjax.retrieval.topk import device_top_k, rows_on_mesh, sharded_top_k
 
 
 def _data(n, d, b, seed):
@@ -27,9 +27,7 @@ def test_sharded_top_k_equals_one_device_and_brute_force(n, k, shape):
   mesh = jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape))
   corpus, q = _data(n, 16, 5, n)
   tokens = np.arange(n * 3, dtype=np.int32).reshape(n, 3)
-  shards = int(np.prod(shape))
-  put = lambda x: jax.device_put(pad_rows(x, shards), NamedSharding(
-      mesh, PartitionSpec(names, *(None,) * (x.ndim - 1))))
+  put = lambda x: rows_on_mesh(x, mesh, names)
   fn = jax.jit(lambda q_, c, t: sharded_top_k(q_, c, k, mesh=mesh, axes=names, num_rows=n,
                                               payloads=(t,), chunk=50))
   top, (tok,) = fn(jnp.asarray(q), put(corpus), put(tokens))
@@ -49,7 +47,7 @@ def test_sharded_top_k_refuses_uneven_rows_and_k_beyond_the_corpus():
   with pytest.raises(ValueError, match="do not split over 8 shards"):
     sharded_top_k(jnp.asarray(q), jnp.asarray(corpus), 2, mesh=mesh, axes="data", num_rows=12)
   with pytest.raises(ValueError, match=r"k=17 must be in \[1, N=12\]"):
-    sharded_top_k(jnp.asarray(q), jnp.asarray(pad_rows(corpus, 8)), 17, mesh=mesh,
+    sharded_top_k(jnp.asarray(q), rows_on_mesh(corpus, mesh, 'data'), 17, mesh=mesh,
                   axes="data", num_rows=12)
 
 

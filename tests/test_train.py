@@ -131,13 +131,20 @@ def _host(tree):
   return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
 
-def test_sharded_step_equals_single_device_and_compiles_once(tmp_path, h1):
-  h1.reset()
-  cfg8 = smoke(**{"generator.dropout_rate": 0.0,
-                  "mesh.axes": "(('data', 2), ('fsdp', 2), ('tensor', 2))"})
-  h8 = Harness(cfg8, tmp_path / "eight")
+def eight_device_harness(workdir, **overrides):
+  """The smoke run without dropout on a (data 2, fsdp 2, tensor 2) mesh, checked to shard its
+  parameters over fsdp and tensor."""
+  h8 = Harness(smoke(**{"generator.dropout_rate": 0.0,
+                        "mesh.axes": "(('data', 2), ('fsdp', 2), ('tensor', 2))", **overrides}),
+               workdir)
   specs = {str(x.sharding.spec) for x in jax.tree.leaves(h8.state.params)}
   assert any("fsdp" in s for s in specs) and any("tensor" in s for s in specs), specs
+  return h8
+
+
+def test_sharded_step_equals_single_device_and_compiles_once(tmp_path, h1):
+  h1.reset()
+  h8 = eight_device_harness(tmp_path / "eight")
   rng = jax.random.key(0)
   losses = {}
   for name, h in (("one", h1), ("eight", h8)):
@@ -201,12 +208,8 @@ def test_bfloat16_with_grad_accumulation_on_8_devices_matches_one_device(tmp_pat
   rules on: 3 steps run and their losses stay within 3e-2 (relative) of the float32 full-batch
   run on one device, as the single-device bf16 check above (bf16 keeps 8 mantissa bits)."""
   h32 = h1.reset()
-  h8 = Harness(smoke(**{"generator.dropout_rate": 0.0, "model.compute_dtype": "bfloat16",
-                        "train.grad_accum_steps": 2,
-                        "mesh.axes": "(('data', 2), ('fsdp', 2), ('tensor', 2))"}),
-               tmp_path / "bf16x8")
-  specs = {str(x.sharding.spec) for x in jax.tree.leaves(h8.state.params)}
-  assert any("fsdp" in s for s in specs) and any("tensor" in s for s in specs), specs
+  h8 = eight_device_harness(tmp_path / "bf16x8", **{"model.compute_dtype": "bfloat16",
+                                                     "train.grad_accum_steps": 2})
   rng = jax.random.key(0)
   out = {}
   for name, h in (("f32", h32), ("bf16x8", h8)):

@@ -8,12 +8,14 @@ train step's device-side retrieval and `ExactIndex` use; no gradient flows throu
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ragjax import sharding as sh
 
 Array = jax.Array
 
@@ -154,16 +156,15 @@ def sharded_top_k(query_bd: Array, corpus_nd: Array, k: int, *, mesh, axes, num_
     ValueError when k is outside [1, num_rows], the rows do not split evenly over the shards,
     a payload has other rows than the corpus, or the dimensions differ.
   """
-  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
-  names = (axes,) if isinstance(axes, str) else tuple(axes)
-  shards = int(math.prod(mesh.shape[a] for a in names))
+  names = sh.axis_names(axes)
+  shards = sh.mesh_axes_size(mesh, names)
   n_pad, d = corpus_nd.shape
   if not 1 <= k <= num_rows <= n_pad:
     raise ValueError(f"sharded_top_k: k={k} must be in [1, N={num_rows}] and N <= the corpus "
                      f"rows {n_pad}")
   if n_pad % shards:
     raise ValueError(f"sharded_top_k: {n_pad} corpus rows do not split over {shards} shards "
-                     f"(mesh axes {names}); pad them (`pad_rows`)")
+                     f"(mesh axes {names}); place them with `rows_on_mesh`")
   if query_bd.shape[-1] != d:
     raise ValueError(f"sharded_top_k: queries {query_bd.shape} and corpus {corpus_nd.shape} "
                      "differ in dimension")
@@ -197,26 +198,17 @@ def sharded_top_k(query_bd: Array, corpus_nd: Array, k: int, *, mesh, axes, num_
   return top, tuple(map(pick, cand_p))
 
 
-def pad_rows(x: np.ndarray, shards: int) -> np.ndarray:
-  """`[N, ...]` -> `[ceil(N / shards) * shards, ...]`, zero rows appended (the row count that
-  `sharded_top_k` splits evenly; it never returns the padding)."""
-  n = x.shape[0]
-  extra = -n % int(shards)
-  return x if not extra else np.concatenate([x, np.zeros((extra,) + x.shape[1:], x.dtype)])
-
-
 def rows_on_mesh(x, mesh, axes=()) -> jax.Array:
   """A per-passage array `[N, ...]` (numpy, or anything sliceable by rows such as a
   `np.load(..., mmap_mode="r")` memmap) as a global `jax.Array` with rows sharded over mesh
   `axes` (padded with zero rows to a multiple of the shards; () = replicated). Each process
   reads only the row ranges of its own devices' shards (`jax.make_array_from_callback`), so a
   memmapped corpus is paged in 1/P per process."""
-  names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-  shards = int(math.prod(mesh.shape[a] for a in names)) if names else 1
+  names = sh.axis_names(axes)
+  shards = sh.mesh_axes_size(mesh, names)
   n = x.shape[0]
   n_pad = n + (-n % shards)
   shape = (n_pad,) + tuple(x.shape[1:])
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
   sharding = NamedSharding(mesh, P(names or None, *(None,) * (len(shape) - 1)))
 
   def rows(index):

@@ -315,13 +315,8 @@ class DeviceFeeder(Feeder):
   @property
   def corpus_axes(self) -> tuple:
     """The mesh axes the corpus rows are sharded over (the `corpus` logical rule; () = none)."""
-    axes = dict(self.rules).get(sh.CORPUS)
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    names = sh.axis_names(dict(self.rules).get(sh.CORPUS))
     return names if sh.mesh_axes_size(self.mesh, names) > 1 else ()
-
-  def _rows_sharding(self, ndim: int) -> NamedSharding:
-    spec = PartitionSpec(self.corpus_axes or None, *(None,) * (ndim - 1))
-    return NamedSharding(self.mesh, spec)
 
   def _put_rows(self, x) -> jax.Array:
     """A per-passage array `[N, ...]` onto the mesh, rows sharded like the corpus (padded to a
