@@ -24,6 +24,7 @@ RUNTIME = [
 TEST = [
     "pytest",
     "pytest-timeout",
+    "pytest-xdist",      # the README test command runs the suite on 2 workers (one per core)
     "torch==2.13.0",
     "transformers",
     "sentence-transformers",

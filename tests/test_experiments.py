@@ -49,6 +49,7 @@ def test_paper_scale_config_aot_compiles_for_a_tpu_slice_at_small_size(capsys, t
   assert report["collectives"].get("all-gather", 0) > 0  # fsdp gathers the sharded weights
 
 
+@pytest.mark.slow  # ~65 s; tests/test_refresh.py's joint_run covers joint training with versions
 def test_squad_open_joint_smoke_trains_both_encoders_with_index_versions(tmp_path, shared_data,
                                                                          capsys):
   squad = shared_data / "squad_v1.1" / "dev-v1.1.json.gz"

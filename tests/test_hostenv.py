@@ -75,6 +75,9 @@ def _probe(**env):
   return proc.pid, json.loads(out.strip().splitlines()[-1])
 
 
+# ~35 s (two JAX probes); CI keeps the environment it re-executes with
+# (test_malloc_env_adds_the_tunables_once_and_keeps_the_users_choices)
+@pytest.mark.slow
 @pytest.mark.skipif(not GLIBC, reason="glibc malloc tunables only exist on glibc")
 def test_reexec_keeps_pid_and_arguments_and_stops_the_per_call_page_faults():
   pid, tuned = _probe()

@@ -335,6 +335,9 @@ def test_sigkilled_indexer_resumes_its_job_from_finished_shards(no_indexer_run, 
 
 # --------------------------------------------------------------------- trainer killed mid-run
 
+# ~90 s; CI keeps the indexer's side of a crash (test_sigkilled_indexer_resumes_its_job_...)
+# and the trainer's SIGKILL resume (tests/test_train_resume.py, pretraining with refresh).
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_sigkilled_trainer_leaves_its_indexer_serving(env, tmp_path):
   """`ragjax train` (async `asap`, indexer spawned) SIGKILLed once it trains on an indexer

@@ -86,6 +86,10 @@ def metrics(workdir) -> list[dict]:
   return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+# ~135 s on a 2-core AVX2 host (three trainings). CI keeps jax.distributed on 127.0.0.1 through
+# tests/test_sharded_topk.py and tests/test_multihost_index.py (2 processes x 4 devices), and the
+# global batch across processes through tests/test_pipeline.py.
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_two_processes_train_like_one(tmp_path):
   port = free_port()

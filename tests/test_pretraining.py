@@ -156,6 +156,7 @@ def pretrained(tmp_path_factory):
   return w
 
 
+@pytest.mark.slow  # ~30 s; test_init_towers_takes_only_the_named_towers starts from the same workdir
 def test_fine_tuning_starts_from_the_pretraining_towers_and_keeps_its_index(pretrained, tmp_path):
   from ragjax.checkpoint import Checkpointer
   from ragjax.cli import main

@@ -159,6 +159,9 @@ def test_switching_index_versions_does_not_recompile_the_step(tmp_path):
   assert not np.array_equal(rows[0], rows[1])  # the new vectors were really used
 
 
+# ~40 s; CI keeps sync refresh through tests/test_train_resume.py's pretraining SIGKILL run
+# (schedule 0-100:3, index versions {0, 3, 6} asserted on both the uninterrupted and resumed run)
+@pytest.mark.slow
 def test_sync_mode_re_embeds_at_scheduled_steps(tmp_path):
   cfg = smoke(**{**JOINT, "index.refresh.mode": "sync", "index.refresh.schedule": "0-100:3",
                  "train.total_steps": 7, "train.checkpoint_every": 100})

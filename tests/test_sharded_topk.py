@@ -68,7 +68,9 @@ def _feeder_batch(tmp_path, mesh_axes, num_devices, **extra):
   return run, jax.tree.map(np.asarray, jax.device_get(batch)), deep
 
 
-@pytest.mark.parametrize("extra", [{}, {"model.reencode_passages": "true", "optim.freeze": "()",
+# The plain feeder ({}: ~20 s) in the slow tier; CI keeps the case that also re-encodes and
+# re-ranks over the sharded corpus, which runs the plain path's search and gathers too.
+@pytest.mark.parametrize("extra", [pytest.param({}, marks=pytest.mark.slow), {"model.reencode_passages": "true", "optim.freeze": "()",
                                         "index.refresh.mode": "async",
                                         "index.refresh.spawn_indexer": "false",
                                         "model.rerank_candidates": 5}])

@@ -49,6 +49,7 @@ from ragjax.fsutil import atomic_file, write_json_atomic
 from ragjax.joint.versions import (collect_garbage, index_dir, latest_version, publish_version,
                                    read_end_marker)
 from ragjax.retrieval.embed import corpus_fingerprint, embed_corpus, load_embeddings
+from ragjax.retrieval.multihost import shard_range
 from ragjax.system.build import build_retriever
 from ragjax.system.feed import choose_index_kind
 
@@ -85,11 +86,6 @@ def load_tower(path) -> dict:
 
 
 # ---------------------------------------------------------------------------------- worker
-
-def shard_range(count: int, shard: int, num_shards: int) -> tuple[int, int]:
-  """Rows `[lo, hi)` of worker `shard` of `num_shards` (contiguous, sizes differ by <= 1)."""
-  return count * shard // num_shards, count * (shard + 1) // num_shards
-
 
 def end_marker_written(workdir, stale: str | None = None) -> bool:
   """Whether the trainer has written its end marker: one is there and its content is not
