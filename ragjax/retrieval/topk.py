@@ -20,6 +20,12 @@ from ragjax import sharding as sh
 Array = jax.Array
 
 
+def take_rows(x: jax.Array, pos_bk: jax.Array) -> jax.Array:
+  """`x[b, pos[b, j], ...]`: `x` `[B, C, ...]` at positions `pos_bk` `[B, K]` along axis 1 ->
+  `[B, K, ...]` (candidate rows, scores, vectors or token rows, picked alike)."""
+  return jnp.take_along_axis(x, pos_bk.reshape(pos_bk.shape + (1,) * (x.ndim - 2)), 1)
+
+
 def block_corpus(corpus_nd: jax.Array, chunk: int) -> jax.Array:
   """`[N, D]` -> `[ceil(N / chunk), chunk, D]`, zero-padded: the layout `topk_blocks` scans.
   Do it once per corpus (it copies the corpus), not once per search."""
@@ -193,7 +199,7 @@ def sharded_top_k(query_bd: Array, corpus_nd: Array, k: int, *, mesh, axes, num_
   cand_s, cand_r, cand_emb, *cand_p = out
   # lower row first among equal scores, as one top_k over the whole corpus
   order = jnp.lexsort((cand_r, -cand_s), axis=-1)[:, :k]
-  pick = lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), 1)
+  pick = lambda x: take_rows(x, order)
   top = TopK(pick(cand_r).astype(jnp.int32), pick(cand_s), pick(cand_emb))
   return top, tuple(map(pick, cand_p))
 

@@ -41,7 +41,8 @@ from ragjax.models.rag import RagModel
 from ragjax.retrieval.hybrid import reciprocal_rank_fusion
 from ragjax.retrieval.index import ExactIndex
 from ragjax.retrieval.scann_index import ScannIndex
-from ragjax.retrieval.topk import device_top_k, exclude_rows, rows_on_mesh, sharded_top_k
+from ragjax.retrieval.topk import (device_top_k, exclude_rows, rows_on_mesh, sharded_top_k,
+                                   take_rows)
 from ragjax.system.build import RagSystem
 from ragjax.system.inputs import assemble_contexts, assemble_gathered
 
@@ -358,8 +359,7 @@ class DeviceFeeder(Feeder):
         # each retrieved row's tokens come from the shard that holds the row
         top, got = self._search(q_bd, corpus_nd, depth, tables)
         rows, emb = top.doc_ids, top.embeddings
-        along = lambda x, pos: jnp.take_along_axis(x, pos.reshape(pos.shape + (1,) * (x.ndim - 2)),
-                                                   1)
+        along = take_rows
         if depth > kept:  # drop the excluded rows (none reach the batch: `exclude_rows`)
           pos = exclude_rows(rows, exclude_be, kept)
           rows, emb, got = along(rows, pos), along(emb, pos), tuple(along(t, pos) for t in got)
