@@ -1,8 +1,5 @@
 """The host path over a corpus sharded across processes (`retrieval.multihost`): per-shard
 indexes merged into the global top-k, checked against numpy brute force over the whole corpus."""
-import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -99,25 +96,13 @@ def test_two_processes_each_index_half_and_merge_to_the_single_process_top_k(tmp
   ScaNN index over only its half of a [1001, 16] corpus; the merged top-10 equals numpy brute
   force over the whole corpus, for shared queries and for per-process queries gathered across
   processes, and `fetch_rows` returns the owner's token rows."""
-  from test_multiprocess_train import env_with, free_port
+  from test_multiprocess_train import run_python_workers
   rng = np.random.default_rng(7)
   corpus = rng.standard_normal((1001, 16)).astype(np.float32)
   q = np.random.default_rng(1).standard_normal((6, 16)).astype(np.float32)
   np.save(tmp_path / "corpus.npy", corpus)
-  (tmp_path / "worker.py").write_text(_WORKER)
-  port = free_port()
-  procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(i), str(port),
-                             str(tmp_path / "corpus.npy"), str(tmp_path / f"out{i}.json")],
-                            env=env_with(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-           for i in range(2)]
-  try:
-    logs = [p.communicate(timeout=240)[0].decode()[-3000:] for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  assert all(p.returncode == 0 for p in procs), logs
+  outs = run_python_workers(tmp_path, _WORKER, [tmp_path / "corpus.npy"])
   want = _brute(q, corpus, 10)
-  outs = [json.loads((tmp_path / f"out{i}.json").read_text()) for i in range(2)]
   assert [(o["lo"], o["hi"]) for o in outs] == [(0, 500), (500, 1001)]
   assert set(want[:, :3].ravel() < 500) == {True, False}  # both halves hold winners
   for i, o in enumerate(outs):

@@ -35,6 +35,27 @@ def env_with(devices: int) -> dict:
   return out
 
 
+def run_python_workers(tmp_path, source: str, args, *, processes: int = 2, devices: int = 4,
+                       timeout: float = 240) -> list[dict]:
+  """Run `source` as `processes` Python workers, `argv = [pid, port, *args, out.json]` (a
+  `jax.distributed` job on 127.0.0.1 when the script initialises it), `devices` CPU devices
+  each; assert every one exits 0 and return the JSON each wrote to its `out.json`."""
+  script = tmp_path / "worker.py"
+  script.write_text(source)
+  port = free_port()
+  outs = [tmp_path / f"out{i}.json" for i in range(processes)]
+  procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port), *map(str, args),
+                             str(outs[i])], env=env_with(devices), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT) for i in range(processes)]
+  try:
+    logs = [p.communicate(timeout=timeout)[0].decode()[-3000:] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert all(p.returncode == 0 for p in procs), logs
+  return [json.loads(o.read_text()) for o in outs]
+
+
 class Proc:
   """A `ragjax train` process in its own session; stdout/stderr in `<log>.out` / `<log>.err`."""
 

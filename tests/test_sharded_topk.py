@@ -1,8 +1,5 @@
 """Host/device-sharded exact top-k (`topk.sharded_top_k`): every shard's local top-k merged into
 one global top-k equals the top-k of one device over the whole corpus and numpy brute force."""
-import json
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -119,25 +116,14 @@ def test_two_processes_each_read_half_the_corpus_and_return_the_global_top_k(tmp
   """2 processes x 4 CPU devices (jax.distributed on 127.0.0.1, gloo): each process pages in
   only the rows of its own 4 shards from a memmapped [1003, 16] corpus, and both return the
   top-10 of numpy brute force over the whole corpus."""
-  from test_multiprocess_train import env_with, free_port
+  from test_multiprocess_train import run_python_workers
   corpus, _ = _data(1003, 16, 6, 7)
   q = np.random.default_rng(1).standard_normal((6, 16)).astype(np.float32)
   np.save(tmp_path / "corpus.npy", corpus)
-  (tmp_path / "worker.py").write_text(_WORKER)
-  port = free_port()
-  procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(i), str(port),
-                             str(tmp_path / "corpus.npy"), str(tmp_path / f"out{i}.json")],
-                            env=env_with(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-           for i in range(2)]
-  try:
-    logs = [p.communicate(timeout=240)[0].decode()[-3000:] for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  assert all(p.returncode == 0 for p in procs), logs
+  outs = run_python_workers(tmp_path, _WORKER, [tmp_path / "corpus.npy"])
   want = np.argsort(-(q @ corpus.T), axis=1, kind="stable")[:, :10]
   shard = 1008 // 8   # 1003 rows padded to 1008: 126 per device, 4 devices per process
   for i in range(2):
-    got = json.loads((tmp_path / f"out{i}.json").read_text())
+    got = outs[i]
     np.testing.assert_array_equal(np.asarray(got["rows"]), want)
     assert got["read"] == list(range(4 * shard * i, min(4 * shard * (i + 1), 1003)))
