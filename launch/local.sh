@@ -75,6 +75,16 @@ port=$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)
 xla_flags="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$devices"
 grace=${KILL_GRACE:-10}
 
+# One launch line, "<prefix> $ <env> <command, shell-quoted>", written by one printf: the
+# output filters of the processes already started write to the same stdout, and separate
+# writes could interleave with their lines (a pipe write under PIPE_BUF bytes is atomic).
+say_command() {
+  local prefix=$1 env=$2 line
+  shift 2
+  printf -v line ' %q' "$@"
+  printf '%s $ %s%s\n' "$prefix" "$env" "$line"
+}
+
 pids=()
 stop_all() {  # SIGTERM the processes still running, then SIGKILL what is left after $grace s
   local pid alive t
@@ -96,9 +106,7 @@ names=()
 for ((i = 0; i < num_processes; i++)); do
   cmd=("${ragjax[@]}" train "${train_args[@]}" --coordinator "127.0.0.1:$port"
        --num-processes "$num_processes" --process-id "$i" --cpu-collectives gloo)
-  printf '[p%d] $ JAX_PLATFORMS=cpu XLA_FLAGS=%q' "$i" "$xla_flags"
-  printf ' %q' "${cmd[@]}"
-  printf '\n'
+  say_command "[p$i]" "JAX_PLATFORMS=cpu XLA_FLAGS=$(printf %q "$xla_flags")" "${cmd[@]}"
   JAX_PLATFORMS=cpu XLA_FLAGS=$xla_flags "${cmd[@]}" > >(sed -u "s/^/[p$i] /") 2>&1 &
   pids+=($!)
   names+=("process $i")
@@ -106,9 +114,7 @@ done
 for ((j = 0; j < indexers; j++)); do
   cmd=("${ragjax[@]}" indexer --workdir "$workdir" --shard "$j" --num-shards "$indexers"
        --wait-for-trainer 600)
-  printf '[i%d] $ JAX_PLATFORMS=cpu' "$j"
-  printf ' %q' "${cmd[@]}"
-  printf '\n'
+  say_command "[i$j]" "JAX_PLATFORMS=cpu" "${cmd[@]}"
   JAX_PLATFORMS=cpu "${cmd[@]}" > >(sed -u "s/^/[i$j] /") 2>&1 &
   pids+=($!)
   names+=("indexer $j")
