@@ -188,7 +188,8 @@ def base_config() -> ml_collections.ConfigDict:
       reencode_passages=False,    # joint training: the step re-encodes the K passages (REALM)
       rerank_candidates=0,        # >K: retrieve this many, keep the top K by the live passage
                                   # encoder (Atlas's over-retrieve-then-rerank); 0: off
-      retriever_loss="none",      # none (the marginal trains it) | pdist | emdr2 | loop | adist
+      retriever_loss="none",      # none (the marginal trains it) | pdist | emdr2 (sequence
+                                  # level) | emdr2_token (token level, Atlas's code) | loop | adist
       retriever_temperature=1.0,  # Atlas's temperature_score (divides the doc scores)
       target_temperature=1.0,     # Atlas's temperature_gold (divides the reader-side target)
       retriever_loss_weight=1.0,  # its weight beside the generator's NLL

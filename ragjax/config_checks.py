@@ -10,7 +10,7 @@ import traceback
 
 from ragjax.errors import ConfigError, DataError, RagjaxError
 
-RETRIEVER_LOSSES = ("none", "pdist", "emdr2", "loop", "adist")
+RETRIEVER_LOSSES = ("none", "pdist", "emdr2", "emdr2_token", "loop", "adist")
 READERS = ("rag", "fid")
 DPR_NEGATIVES = ("index", "bm25")  # where a DPR job mines its hard negatives
 DATA_SOURCES = ("bios", "files", "squad_split")
@@ -75,8 +75,11 @@ def validate_retriever_loss(m) -> None:
                         "extra passages")
   if name != "none" and m.loss == "closed_book":
     raise ConfigError("model.retriever_loss: closed_book retrieves nothing to train")
+  if name == "emdr2_token" and m.get("retriever_null_baseline", False):
+    raise ConfigError("model.retriever_null_baseline: emdr2_token has no null baseline (it is "
+                      "defined for the sequence-level targets); use emdr2 or turn it off")
   if m.get("retriever_in_batch_negatives", False) and (
-      name not in ("pdist", "emdr2", "adist") or m.get("retriever_null_baseline")):
+      name not in ("pdist", "emdr2", "emdr2_token", "adist") or m.get("retriever_null_baseline")):
     raise ConfigError("model.retriever_in_batch_negatives extends a pdist, emdr2 or adist "
                       "objective: set model.retriever_loss accordingly (without "
                       "retriever_null_baseline)")
@@ -85,7 +88,7 @@ def validate_retriever_loss(m) -> None:
                       "model.retriever_loss to pdist, emdr2, loop or adist")
   ev = m.get("target_evidence", "likelihood")
   _choice(ev, ("likelihood", "contrastive", "random"), "model.target_evidence")
-  if ev != "likelihood" and (name == "none" or reader == "fid"):
+  if ev != "likelihood" and (name in ("none", "emdr2_token") or reader == "fid"):
     raise ConfigError(f"model.target_evidence={ev!r} changes the target of a retriever "
                       "objective of the rag reader: set model.retriever_loss to pdist, emdr2 or "
                       "loop and model.reader='rag'")

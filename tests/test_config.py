@@ -83,6 +83,20 @@ def test_validate_names_the_key(override, words):
     config_lib.validate(_smoke(override))
 
 
+def test_every_retriever_loss_validate_accepts_is_one_its_reader_runs():
+  """`model.retriever_loss` names: each reader's loss accepts exactly the ones validate lets
+  through for it (adist: FiD only), and emdr2_token refuses the null baseline by key."""
+  from ragjax import config as config_lib
+  from ragjax.models.fid import FID_RETRIEVER_LOSSES
+  from ragjax.models.rag import RAG_RETRIEVER_LOSSES
+  assert set(FID_RETRIEVER_LOSSES) == set(config_lib.RETRIEVER_LOSSES)
+  assert set(RAG_RETRIEVER_LOSSES) == set(config_lib.RETRIEVER_LOSSES) - {"adist"}
+  config_lib.validate(_smoke("model.retriever_loss=emdr2_token"))
+  with pytest.raises(ConfigError, match="model.retriever_null_baseline: emdr2_token"):
+    config_lib.validate(_smoke("model.retriever_loss=emdr2_token",
+                               "model.retriever_null_baseline=true"))
+
+
 def test_validate_runs_before_any_data_is_read(monkeypatch):
   """A bad value stops `Run` in `validate`, before the data source or a tower is touched; a
   mesh-dependent one (eval batch over 8 data-parallel devices) likewise."""

@@ -126,16 +126,23 @@ def _rag_batch(model, ids, mask, labels, seed=0):
           "context_input_ids": ids, "context_attention_mask": mask, "labels": labels}
 
 
-def _hf_seq_logprob(net, enc, fmask, labels):
-  """sum_t log p(y_t | ...) of the reference reader on fused states (targets = labels shifted)."""
+def _hf_token_logprob(net, enc, fmask, labels):
+  """log p(y_t | ...) `[B, T]` of the reference reader on fused states (targets = labels
+  shifted; 0 on unscored positions) and the scored-token mask `[B, T]`."""
   targets = np.concatenate([labels[:, 1:], np.zeros((len(labels), 1), labels.dtype)], axis=1)
   tmask = np.concatenate([labels[:, 1:] != 0, np.zeros((len(labels), 1), bool)], axis=1)
   with torch.no_grad():
     logits = net(encoder_outputs=BaseModelOutput(last_hidden_state=enc), attention_mask=fmask,
                  decoder_input_ids=torch.tensor(labels)).logits
-  logp = torch.log_softmax(logits, -1).numpy()
+  logp = torch.log_softmax(logits.double(), -1).numpy()
   tok = np.take_along_axis(logp, targets[..., None], -1)[..., 0]
-  return np.where(tmask, tok, 0.0).sum(-1), tmask.sum(-1)
+  return np.where(tmask, tok, 0.0), tmask
+
+
+def _hf_seq_logprob(net, enc, fmask, labels):
+  """sum_t log p(y_t | ...) of the reference reader on fused states, and the token counts."""
+  tok, tmask = _hf_token_logprob(net, enc, fmask, labels)
+  return tok.sum(-1), tmask.sum(-1)
 
 
 def _kl(scores_bk, target_bk, t_r, t_t):
@@ -215,21 +222,23 @@ def test_fid_loss_nll_and_adist_against_transformers(readers):
   assert np.abs(flat(g_ad["bi_encoder"]["query_encoder"])).max() > 0
 
 
-@pytest.mark.parametrize("name", ["pdist", "emdr2", "loop"])
+@pytest.mark.parametrize("name", ["pdist", "emdr2", "emdr2_token", "loop"])
 def test_fid_reader_side_targets_match_transformers(readers, name):
-  """pdist / emdr2: the reader on each passage alone; loop: the reader with passage k masked."""
+  """pdist / emdr2 / emdr2_token: the reader on each passage alone; loop: the reader with
+  passage k masked."""
   model, params, net = readers["t5"]
   cfg = model.generator_cfg
   ids, mask, labels = _contexts(cfg, seed=3)
   batch = _rag_batch(model, ids, mask, labels, seed=1)
   enc, fmask = _hf_fused(net, ids, mask)
-  logp = np.zeros((B, K))
+  logp, tok_bkt = np.zeros((B, K)), [None] * K
   for k in range(K):
     keep = np.zeros((B, K, L), np.int64)
     keep[:, k] = 1
     sub = fmask * torch.tensor(keep.reshape(B, K * L) if name != "loop"
                                else 1 - keep.reshape(B, K * L))
-    logp[:, k], ntok = _hf_seq_logprob(net, enc, sub, labels)
+    tok_bkt[k], tmask = _hf_token_logprob(net, enc, sub, labels)
+    logp[:, k], ntok = tok_bkt[k].sum(-1), tmask.sum(-1)
   scores = np.asarray(model.apply({"params": params}, batch["query_input_ids"],
                                   batch["query_attention_mask"], batch["passage_embeddings"],
                                   method=RagModel.retrieve_scores))
@@ -237,6 +246,11 @@ def test_fid_reader_side_targets_match_transformers(readers, name):
     want = _kl(scores, logp / ntok[:, None], 2.0, 0.5)
   elif name == "loop":
     want = _kl(scores, -logp / ntok[:, None], 2.0, 0.5)
+  elif name == "emdr2_token":  # Atlas's code: -sum_t log sum_k p_retr(k) p(y_t|x,z_k,y_<t),
+    # averaged over the batch's scored tokens
+    lp_r = scores / 2.0 - np.log(np.exp(scores / 2.0).sum(-1, keepdims=True))
+    marg_bt = np.log(np.sum(np.exp(lp_r[:, :, None] + np.stack(tok_bkt, 1)), axis=1))
+    want = float(-np.sum(np.where(tmask, marg_bt, 0.0)) / tmask.sum())
   else:  # EMDR2 (Sachan et al. 2021): -log sum_k p_retr(k) p(y|x,z_k) under stop-gradient
     lp_r = scores / 2.0 - np.log(np.exp(scores / 2.0).sum(-1, keepdims=True))
     j = lp_r + logp

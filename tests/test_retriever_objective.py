@@ -91,6 +91,42 @@ def test_objective_values_against_their_formulas(setup):
     rag_loss(model, params, batch, "rag_token", retriever_loss="adist")
 
 
+def test_emdr2_token_is_the_frozen_reader_rag_token_marginal(setup):
+  """EMDR2, token level (Atlas's code): -sum_t log sum_k p_retr(k) p(y_t | x, z_k, y_<t) over
+  the batch's scored tokens, divided by their count; numpy on the model's own logits. It is
+  RAG-Token's marginal (Lewis et al. 2020 eq. 2) with the reader frozen, so it differs from
+  the sequence-level form on answers longer than one token; only the query encoder gets its
+  gradient."""
+  model, params, batch = setup
+  dec, targets, mask = (np.asarray(x) for x in batch_targets(batch,
+                                                              model.generator_cfg.pad_token_id))
+  logits = np.asarray(model.apply({"params": params}, batch["context_input_ids"],
+                                  batch["context_attention_mask"], dec,
+                                  method=RagModel.generator_logits), np.float64)
+  logp = logits - logits.max(-1, keepdims=True)
+  logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+  tok_bkt = np.take_along_axis(logp, targets[:, None, :, None], -1)[..., 0]
+  scores = np.asarray(batch_doc_scores(model, params, batch), np.float64)
+  lp_r = scores / 0.5 - np.log(np.exp(scores / 0.5).sum(-1, keepdims=True))
+  marg_bt = np.log(np.exp(lp_r[:, :, None] + tok_bkt).sum(1))
+  want = -np.sum(np.where(mask != 0, marg_bt, 0.0)) / np.sum(mask != 0)
+  base, _, g_none = _grads(model, params, batch)
+  loss, aux, g = _grads(model, params, batch, retriever_loss="emdr2_token",
+                        retriever_temperature=0.5)
+  np.testing.assert_allclose(float(aux["retriever_loss"]), want, rtol=1e-5)
+  assert np.max(mask.sum(-1)) > 1  # multi-token answers: not the sequence-level value
+  _, seq_aux = jax.jit(lambda p: rag_loss(model, p, batch, "rag_token", retriever_loss="emdr2",
+                                          retriever_temperature=0.5))(params)
+  assert abs(float(seq_aux["retriever_loss"]) - want) > 1e-3
+  np.testing.assert_allclose(float(loss), float(base) + want, rtol=1e-5)
+  _close_tree(g["generator"], g_none["generator"], rtol=1e-4, atol=1e-7)
+  _, _, g0 = _grads(model, params, batch, retriever_loss="emdr2_token", retriever_weight=0.0)
+  for x in jax.tree.leaves(g0["bi_encoder"]["query_encoder"]):
+    np.testing.assert_array_equal(np.asarray(x), 0.0)
+  with pytest.raises(ValueError, match="no null_baseline"):
+    rag_loss(model, params, batch, "rag_token", retriever_loss="emdr2_token", null_baseline=True)
+
+
 @pytest.mark.slow  # a refuted collapse fix kept as an option (experiments/bios.py)
 def test_contrastive_evidence_subtracts_the_next_examples_answer(setup):
   """EMDR2 on e_k = log p(y_i|x_i,z_k) - (T_i/T_j) log p(y_{i+1}|x_i,z_k) (sequence level):
@@ -139,15 +175,20 @@ def test_in_batch_negatives_join_the_emdr_softmax_with_no_target_mass(setup):
   emb[1, 0] = emb[0, 1]
   batch = {**batch, "doc_ids": jnp.asarray(ids), "passage_embeddings": jnp.asarray(emb)}
   dec, targets, mask = batch_targets(batch, model.generator_cfg.pad_token_id)
-  own = np.asarray(rag_losses.sequence_logprob(model.apply(
-      {"params": params}, batch["context_input_ids"], batch["context_attention_mask"], dec,
-      method=RagModel.generator_logits), targets, mask), np.float64)
+  logits = model.apply({"params": params}, batch["context_input_ids"],
+                       batch["context_attention_mask"], dec, method=RagModel.generator_logits)
+  own = np.asarray(rag_losses.sequence_logprob(logits, targets, mask), np.float64)
+  lt = np.asarray(logits, np.float64)
+  lt = lt - lt.max(-1, keepdims=True)
+  lt = lt - np.log(np.exp(lt).sum(-1, keepdims=True))
+  own_bkt = np.take_along_axis(lt, np.asarray(targets)[:, None, :, None], -1)[..., 0]
+  scored_bt = np.asarray(mask) != 0
   q = np.asarray(model.apply({"params": params}, batch["query_input_ids"],
                              batch["query_attention_mask"], method=RagModel.encode_query),
                  np.float64)
   emb = emb.astype(np.float64)
   t_r = 0.5
-  ref, mass, gap = [], [], []
+  ref, ref_token, mass, gap = [], [], [], []
   for i in range(b):
     cols = [(i, j) for j in range(k)] + [(o, j) for o in range(b) if o != i for j in range(k)
                                          if ids[o, j] not in ids[i]]
@@ -155,6 +196,8 @@ def test_in_batch_negatives_join_the_emdr_softmax_with_no_target_mass(setup):
     s = raw / t_r
     log_p = s - np.log(np.exp(s - s.max()).sum()) - s.max()
     ref.append(-np.log(np.sum(np.exp(log_p[:k] + own[i]))))
+    marg_t = np.log(np.sum(np.exp(log_p[:k, None] + own_bkt[i]), axis=0))     # [T]
+    ref_token.append(-np.sum(marg_t[scored_bt[i]]))
     mass.append(np.exp(log_p[k:]).sum())
     gap.append(raw[:k].max() - raw[k:].max())
   kw = dict(retriever_loss="emdr2", retriever_temperature=t_r)
@@ -166,3 +209,9 @@ def test_in_batch_negatives_join_the_emdr_softmax_with_no_target_mass(setup):
   np.testing.assert_allclose(float(aux["negative_gap"]), np.mean(gap), rtol=1e-4, atol=1e-5)
   _, plain = jax.jit(lambda p: rag_loss(model, p, batch, "rag_token", **kw))(params)
   assert float(aux["retriever_loss"]) > float(plain["retriever_loss"])  # more mass to share
+  # the token-level form: the same softmax per answer token, over the batch's scored tokens
+  _, tok = jax.jit(lambda p: rag_loss(model, p, batch, "rag_token", in_batch_negatives=True,
+                                      retriever_loss="emdr2_token",
+                                      retriever_temperature=t_r))(params)
+  np.testing.assert_allclose(float(tok["retriever_loss"]), np.sum(ref_token) / scored_bt.sum(),
+                             rtol=1e-5)

@@ -13,6 +13,7 @@ path from the doc scores to the NLL, so the retriever trains only through `retri
   "adist"  the reader's cross-attention on each passage (`aggregate_cross_attention`: mean over
            heads, layers and target tokens of alpha * ||v||, summed over the passage's tokens)
   "pdist" / "emdr2"  the reader run on each passage alone, log p(y | x, z_k)
+  "emdr2_token"      the same runs token by token, log p(y_t | x, z_k, y_<t) `[B, K_r, T]`
   "loop"   the reader with passage k masked out of the cross-attention, log p(y | x, Z \\ z_k)
 
 Targets come from a deterministic pass under stop-gradient over all K_r passages (Atlas's eval-
@@ -36,7 +37,7 @@ from ragjax.objectives import rag_losses as losses
 from ragjax.objectives import retriever_losses
 
 Array = jax.Array
-FID_RETRIEVER_LOSSES = ("none", "adist", "pdist", "emdr2", "loop")
+FID_RETRIEVER_LOSSES = ("none", "adist", "pdist", "emdr2", "emdr2_token", "loop")
 
 
 def fid_encode(mdl: RagModel, context_ids_bkl, context_mask_bkl, *, deterministic: bool = True):
@@ -95,18 +96,34 @@ def _seq_logprob(logits_ntv, targets_nt, mask_nt) -> Array:
   return losses.sequence_logprob(logits_ntv[:, None], targets_nt, mask_nt)[:, 0]
 
 
-def _subset_logprob(mdl: RagModel, enc_bse, mask_bs, keep_bsk, k: int, dec_bt, targets_bt,
-                    mask_bt) -> Array:
-  """log p(y | x, passages kept) for S passage subsets per example: `keep_bsk` `[B, S, K]` bool
-  -> `[B, S]` float32 (the encoder states decoded with the cross-attention restricted to the
-  kept passages' tokens)."""
+def _subset_logits(mdl: RagModel, enc_bse, mask_bs, keep_bsk, k: int, dec_bt) -> Array:
+  """Decoder logits `[B*S, T, V]` for S passage subsets per example (`keep_bsk` `[B, S, K]`
+  bool): the encoder states decoded with the cross-attention restricted to the kept passages'
+  tokens."""
   b, s, _ = keep_bsk.shape
   length = mask_bs.shape[1] // k
   keep_bss = jnp.repeat(keep_bsk, length, axis=-1)                # [B, S, K*L]
   sub_ns = (mask_bs[:, None, :] * keep_bss).reshape(b * s, -1)
+  return fid_decode(mdl, jnp.repeat(dec_bt, s, axis=0), jnp.repeat(enc_bse, s, axis=0), sub_ns)
+
+
+def _subset_logprob(mdl: RagModel, enc_bse, mask_bs, keep_bsk, k: int, dec_bt, targets_bt,
+                    mask_bt) -> Array:
+  """log p(y | x, passages kept) for S passage subsets per example: `keep_bsk` `[B, S, K]` bool
+  -> `[B, S]` float32 (`_subset_logits`, token log-likelihoods summed over `mask_bt`)."""
+  b, s, _ = keep_bsk.shape
+  logits = _subset_logits(mdl, enc_bse, mask_bs, keep_bsk, k, dec_bt)
   rep = lambda x: jnp.repeat(x, s, axis=0)
-  logits = fid_decode(mdl, rep(dec_bt), rep(enc_bse), sub_ns)
   return _seq_logprob(logits, rep(targets_bt), rep(mask_bt)).reshape(b, s)
+
+
+def _subset_token_logprob(mdl: RagModel, enc_bse, mask_bs, keep_bsk, k: int, dec_bt,
+                          targets_bt) -> Array:
+  """log p(y_t | x, passages kept, y_<t) for S passage subsets per example: `[B, S, T]` float32
+  (`_subset_logits`, `retriever_losses.token_logprobs`; mask the padded targets yourself)."""
+  b, s, _ = keep_bsk.shape
+  logits = _subset_logits(mdl, enc_bse, mask_bs, keep_bsk, k, dec_bt)
+  return retriever_losses.token_logprobs(logits.reshape((b, s) + logits.shape[1:]), targets_bt)
 
 
 def fid_loss(model: RagModel, params, batch: dict, label_smoothing: float = 0.0, *,
@@ -123,8 +140,8 @@ def fid_loss(model: RagModel, params, batch: dict, label_smoothing: float = 0.0,
   (default K_r) contexts (token-summed per example, label smoothing as the RAG losses; `reduce`
   "mean" | "sum" | "none"), plus `retriever_weight` times the retriever objective (module
   docstring; Atlas §2.2) on all K_r scores, its KL reduced as Atlas ("elementwise_mean");
-  `null_baseline` and `in_batch_negatives` (adist, pdist, emdr2; the batch then needs
-  `passage_embeddings` and `doc_ids`) as in `rag_loss`.
+  `null_baseline` (not emdr2_token) and `in_batch_negatives` (adist, pdist, emdr2,
+  emdr2_token; the batch then needs `passage_embeddings` and `doc_ids`) as in `rag_loss`.
 
   aux (float32 scalars, batch means): `nll_per_token`, `num_tokens`, `retrieval_entropy`,
   `top1_prior`, `doc_score_*` (`doc_score_stats`); with a retriever loss `retriever_loss`, and
@@ -185,7 +202,7 @@ def _retriever_term(model, params, batch, scores_bk, sown, name, t_retr, t_tgt, 
   dec_bt, targets_bt, mask_bt = targets
   if negatives_bn is not None:
     if name == "loop":
-      raise ValueError("in-batch negatives extend adist, pdist or emdr2, not loop")
+      raise ValueError("in-batch negatives extend adist, pdist, emdr2 or emdr2_token, not loop")
     obj_scores, pad = negatives_bn, (lambda t: pad_negatives(t, negatives_bn.shape[1]))
     # Atlas's elementwise mean is over the B*K_r scored passages, not the padded B*B*K_r
     kl_reduce, kl_scale = "mean", 1.0 / scores_bk.shape[1]
@@ -212,10 +229,16 @@ def _retriever_term(model, params, batch, scores_bk, sown, name, t_retr, t_tgt, 
   enc_bse, fmask_bs = model.apply({"params": sg(params)}, ids_bkl, cmask_bkl, method=fid_encode)
   enc_bse = sg(enc_bse)
   eye_kk = jnp.eye(k_r, dtype=bool)
-  keep_kk = eye_kk if name in ("pdist", "emdr2") else ~eye_kk      # alone | all but one
-  logp_bk = sg(model.apply({"params": sg(params)}, enc_bse, fmask_bs,
-                           jnp.broadcast_to(keep_kk, (b, k_r, k_r)), k_r, dec_bt, targets_bt,
-                           mask_bt, method=_subset_logprob))
+  keep_kk = eye_kk if name in ("pdist", "emdr2", "emdr2_token") else ~eye_kk  # alone | all but one
+  keep_bkk = jnp.broadcast_to(keep_kk, (b, k_r, k_r))
+  token_bkt = None
+  if name == "emdr2_token":
+    token_bkt = sg(model.apply({"params": sg(params)}, enc_bse, fmask_bs, keep_bkk, k_r, dec_bt,
+                               targets_bt, method=_subset_token_logprob))
+    logp_bk = jnp.sum(jnp.where((mask_bt != 0)[:, None, :], token_bkt, 0.0), axis=-1)
+  else:
+    logp_bk = sg(model.apply({"params": sg(params)}, enc_bse, fmask_bs, keep_bkk, k_r, dec_bt,
+                             targets_bt, mask_bt, method=_subset_logprob))
   tokens_b1 = jnp.maximum(jnp.sum(mask_bt != 0, axis=-1), 1).astype(jnp.float32)[:, None]
   if name == "loop":
     return retriever_losses.leave_one_out_loss(
@@ -230,6 +253,11 @@ def _retriever_term(model, params, batch, scores_bk, sown, name, t_retr, t_tgt, 
     r_loss = kl_scale * retriever_losses.perplexity_distillation_loss(
         obj_scores, pad(logp_bk / tokens_b1), retriever_temperature=t_retr,
         target_temperature=t_tgt, null_baseline=null_baseline, reduce=kl_reduce)
+  elif name == "emdr2_token":
+    if null_baseline:
+      raise ValueError("retriever_loss='emdr2_token' has no null baseline")
+    r_loss = retriever_losses.emdr_token_loss(obj_scores, pad(token_bkt), mask_bt,
+                                              retriever_temperature=t_retr)
   else:
     r_loss = retriever_losses.emdr_loss(obj_scores, pad(logp_bk), retriever_temperature=t_retr,
                                         null_baseline=null_baseline)

@@ -180,6 +180,7 @@ def batch_doc_scores(model: RagModel, params, batch: dict, *, deterministic: boo
 
 
 TARGET_EVIDENCE = ("likelihood", "contrastive", "random")
+RAG_RETRIEVER_LOSSES = ("none", "pdist", "emdr2", "emdr2_token", "loop")
 
 
 def rag_loss(model: RagModel, params, batch: dict, loss_name: str = "rag_token",
@@ -211,7 +212,10 @@ def rag_loss(model: RagModel, params, batch: dict, loss_name: str = "rag_token",
   under stop-gradient (it trains the generator only) and `retriever_weight` times the objective
   is added, on the same K passages, with the reader-side target under stop-gradient:
   "pdist" (`perplexity_distillation_loss`, target the per-token mean log p(y|x,z)), "emdr2"
-  (`emdr_loss`, sequence level), "loop" (`leave_one_out_loss`, target the per-token mean of
+  (`emdr_loss`, sequence level), "emdr2_token" (`emdr_token_loss`, the token-level form of
+  Atlas's code: -sum_t log sum_z p(z|x) p(y_t|x,z,y_<t) averaged over the batch's answer tokens,
+  the reader's token log-likelihoods `[B, K_r, T]` at temperature 1), "loop"
+  (`leave_one_out_loss`, target the per-token mean of
   log p(y|x, Z without z) = log sum_{j != z} p(j|x) p(y|x,j) / sum_{j != z} p(j|x): this
   reader reads each passage apart, so leaving one out is a re-marginalisation); the KL losses
   reduce as Atlas does ("elementwise_mean"). aux then has `retriever_loss` (its value).
@@ -242,7 +246,8 @@ def rag_loss(model: RagModel, params, batch: dict, loss_name: str = "rag_token",
   passages) of the real log p(y|x,z) of example b, so the target keeps the reader's noise level
   but carries neither question content nor the generator's answer prior. It needs `rng`.
 
-  Raises: ValueError for an unknown loss or retriever loss or evidence, reader_k outside
+  Raises: ValueError for an unknown loss or retriever loss or evidence, emdr2_token with
+  null_baseline or another target_evidence than "likelihood", reader_k outside
   [1, K_r], reader_k < K_r without a retriever loss, contrastive evidence with B < 2, or random
   evidence without rng;
   KeyError for a batch without doc-score inputs.
@@ -250,9 +255,12 @@ def rag_loss(model: RagModel, params, batch: dict, loss_name: str = "rag_token",
   if target_evidence not in TARGET_EVIDENCE:
     raise ValueError(f"target_evidence {target_evidence!r}: expected one of {TARGET_EVIDENCE}")
   loss_fn = losses.get_loss_fn(loss_name)
-  if retriever_loss not in ("none", "pdist", "emdr2", "loop"):
-    raise ValueError(f"retriever_loss {retriever_loss!r}: expected none, pdist, emdr2 or loop "
+  if retriever_loss not in RAG_RETRIEVER_LOSSES:
+    raise ValueError(f"retriever_loss {retriever_loss!r}: expected one of {RAG_RETRIEVER_LOSSES} "
                      "(adist needs a FiD reader's cross-attention)")
+  if retriever_loss == "emdr2_token" and (null_baseline or target_evidence != "likelihood"):
+    raise ValueError("retriever_loss='emdr2_token' reads the reader's own token log-likelihoods: "
+                     "no null_baseline, target_evidence='likelihood' only")
   rngs = None if deterministic else {"dropout": rng}
   if not deterministic and rng is None:
     raise ValueError("rag_loss: deterministic=False needs rng (dropout)")
@@ -310,9 +318,15 @@ def rag_loss(model: RagModel, params, batch: dict, loss_name: str = "rag_token",
     if in_batch_negatives:
       objective_scores, objective_stats = _with_in_batch_negatives(model, params, batch,
                                                                    scores_bk, stats, rngs)
-    r_loss = retriever_objective(retriever_loss, objective_scores, objective_stats,
-                                 retriever_temperature, target_temperature, null_baseline,
-                                 reader_k_r=k_r)
+    if retriever_loss == "emdr2_token":  # [B, K_r, T], -inf past the own K_r passages
+      token_bkt = retriever_losses.token_logprobs(target_logits, targets_bt)
+      r_loss = retriever_losses.emdr_token_loss(
+          objective_scores, pad_negatives(token_bkt, objective_scores.shape[1]), mask_bt,
+          retriever_temperature=retriever_temperature)
+    else:
+      r_loss = retriever_objective(retriever_loss, objective_scores, objective_stats,
+                                   retriever_temperature, target_temperature, null_baseline,
+                                   reader_k_r=k_r)
     if in_batch_negatives:
       extra.update(negative_stats(objective_scores, k_r, retriever_temperature))
     loss = loss + retriever_weight * r_loss
@@ -365,10 +379,11 @@ def in_batch_scores(model: RagModel, params, batch: dict, scores_bk: Array, rngs
 
 
 def pad_negatives(target_bk: Array, width: int) -> Array:
-  """A reader-side target `[B, K]` extended to `[B, width]` with -inf (no target mass on the
-  in-batch negatives of `in_batch_scores`)."""
-  b, k = target_bk.shape
-  return jnp.concatenate([target_bk, jnp.full((b, width - k), -jnp.inf, jnp.float32)], axis=1)
+  """A reader-side target `[B, K, ...]` (e.g. per-token `[B, K, T]`) extended to
+  `[B, width, ...]` with -inf (no target mass on the in-batch negatives of `in_batch_scores`)."""
+  b, k = target_bk.shape[:2]
+  pad = jnp.full((b, width - k) + tuple(target_bk.shape[2:]), -jnp.inf, jnp.float32)
+  return jnp.concatenate([target_bk.astype(jnp.float32), pad], axis=1)
 
 
 def negative_stats(obj_scores_bn: Array, k_r: int, retriever_temperature: float) -> dict:
