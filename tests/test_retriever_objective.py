@@ -39,6 +39,7 @@ def _close_tree(a, b, **tol):
 
 
 @pytest.mark.parametrize("name", [pytest.param("pdist", marks=pytest.mark.slow), "emdr2",
+                                  pytest.param("emdr2_token", marks=pytest.mark.slow),
                                   pytest.param("loop", marks=pytest.mark.slow)])
 def test_generator_learns_from_the_marginal_and_the_retriever_from_the_objective(setup, name):
   model, params, batch = setup
@@ -95,8 +96,8 @@ def test_emdr2_token_is_the_frozen_reader_rag_token_marginal(setup):
   """EMDR2, token level (Atlas's code): -sum_t log sum_k p_retr(k) p(y_t | x, z_k, y_<t) over
   the batch's scored tokens, divided by their count; numpy on the model's own logits. It is
   RAG-Token's marginal (Lewis et al. 2020 eq. 2) with the reader frozen, so it differs from
-  the sequence-level form on answers longer than one token; only the query encoder gets its
-  gradient."""
+  the sequence-level form on answers longer than one token (its gradient routing:
+  `test_generator_learns_from_the_marginal_and_the_retriever_from_the_objective`)."""
   model, params, batch = setup
   dec, targets, mask = (np.asarray(x) for x in batch_targets(batch,
                                                               model.generator_cfg.pad_token_id))
@@ -108,21 +109,17 @@ def test_emdr2_token_is_the_frozen_reader_rag_token_marginal(setup):
   tok_bkt = np.take_along_axis(logp, targets[:, None, :, None], -1)[..., 0]
   scores = np.asarray(batch_doc_scores(model, params, batch), np.float64)
   lp_r = scores / 0.5 - np.log(np.exp(scores / 0.5).sum(-1, keepdims=True))
+  scored_bt = mask != 0
   marg_bt = np.log(np.exp(lp_r[:, :, None] + tok_bkt).sum(1))
-  want = -np.sum(np.where(mask != 0, marg_bt, 0.0)) / np.sum(mask != 0)
-  base, _, g_none = _grads(model, params, batch)
-  loss, aux, g = _grads(model, params, batch, retriever_loss="emdr2_token",
-                        retriever_temperature=0.5)
+  want = -np.sum(np.where(scored_bt, marg_bt, 0.0)) / np.sum(scored_bt)
+  _, aux = jax.jit(lambda p: rag_loss(model, p, batch, "rag_token", retriever_loss="emdr2_token",
+                                      retriever_temperature=0.5))(params)
   np.testing.assert_allclose(float(aux["retriever_loss"]), want, rtol=1e-5)
-  assert np.max(mask.sum(-1)) > 1  # multi-token answers: not the sequence-level value
-  _, seq_aux = jax.jit(lambda p: rag_loss(model, p, batch, "rag_token", retriever_loss="emdr2",
-                                          retriever_temperature=0.5))(params)
-  assert abs(float(seq_aux["retriever_loss"]) - want) > 1e-3
-  np.testing.assert_allclose(float(loss), float(base) + want, rtol=1e-5)
-  _close_tree(g["generator"], g_none["generator"], rtol=1e-4, atol=1e-7)
-  _, _, g0 = _grads(model, params, batch, retriever_loss="emdr2_token", retriever_weight=0.0)
-  for x in jax.tree.leaves(g0["bi_encoder"]["query_encoder"]):
-    np.testing.assert_array_equal(np.asarray(x), 0.0)
+  # multi-token answers: the sequence-level form is another number
+  assert np.max(scored_bt.sum(-1)) > 1
+  seq_bk = np.where(scored_bt[:, None], tok_bkt, 0.0).sum(-1)
+  want_seq = -np.mean(np.log(np.exp(lp_r + seq_bk).sum(-1)))
+  assert abs(want_seq - want) > 1e-3
   with pytest.raises(ValueError, match="no null_baseline"):
     rag_loss(model, params, batch, "rag_token", retriever_loss="emdr2_token", null_baseline=True)
 
