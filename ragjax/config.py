@@ -191,11 +191,12 @@ def base_config() -> ml_collections.ConfigDict:
       retriever_loss="none",      # none (the marginal trains it) | pdist | emdr2 (sequence
                                   # level) | emdr2_token (token level, Atlas's code) | loop | adist
       retriever_temperature=1.0,  # Atlas's temperature_score (divides the doc scores)
-      target_temperature=1.0,     # Atlas's temperature_gold (divides the reader-side target)
+      target_temperature=1.0,     # Atlas's temperature_gold (divides the reader-side target;
+                                  # emdr2_token: the reader's logits, as Atlas's code; not emdr2)
       retriever_loss_weight=1.0,  # its weight beside the generator's NLL
       retriever_null_baseline=False,  # train it on target minus its mean under exchangeable
                                   # evidence (retriever_losses.null_baselined)
-      retriever_in_batch_negatives=False,  # pdist | emdr2 | adist: the other examples'
+      retriever_in_batch_negatives=False,  # pdist | emdr2 | emdr2_token | adist: the other examples'
                                   # passages join each query's softmax with target 0 (rag_loss)
       target_evidence="likelihood")  # likelihood | contrastive (rag reader: log p(y_i|x,z) -
                                   # log p(y_j|x,z), another example's answer) | random (a

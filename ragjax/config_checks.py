@@ -71,8 +71,8 @@ def validate_retriever_loss(m) -> None:
                         "at least the passages the reader reads (0: the same K)")
     if k_r > int(m.k) and name == "none":
       raise ConfigError(f"model.retriever_k={k_r} > model.k={int(m.k)} needs a "
-                        "model.retriever_loss (pdist, emdr2, loop or adist): only it reads the "
-                        "extra passages")
+                        "model.retriever_loss (pdist, emdr2, emdr2_token, loop or adist): only it "
+                        "reads the extra passages")
   if name != "none" and m.loss == "closed_book":
     raise ConfigError("model.retriever_loss: closed_book retrieves nothing to train")
   if name == "emdr2_token" and m.get("retriever_null_baseline", False):
@@ -80,12 +80,13 @@ def validate_retriever_loss(m) -> None:
                       "defined for the sequence-level targets); use emdr2 or turn it off")
   if m.get("retriever_in_batch_negatives", False) and (
       name not in ("pdist", "emdr2", "emdr2_token", "adist") or m.get("retriever_null_baseline")):
-    raise ConfigError("model.retriever_in_batch_negatives extends a pdist, emdr2 or adist "
+    raise ConfigError("model.retriever_in_batch_negatives extends a pdist, emdr2, emdr2_token "
+                      "or adist "
                       "objective: set model.retriever_loss accordingly (without "
                       "retriever_null_baseline)")
   if m.get("retriever_null_baseline", False) and name == "none":
     raise ConfigError("model.retriever_null_baseline baselines a retriever objective: set "
-                      "model.retriever_loss to pdist, emdr2, loop or adist")
+                      "model.retriever_loss to pdist, emdr2, emdr2_token, loop or adist")
   ev = m.get("target_evidence", "likelihood")
   _choice(ev, ("likelihood", "contrastive", "random"), "model.target_evidence")
   if ev != "likelihood" and (name in ("none", "emdr2_token") or reader == "fid"):

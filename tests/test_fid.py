@@ -126,15 +126,15 @@ def _rag_batch(model, ids, mask, labels, seed=0):
           "context_input_ids": ids, "context_attention_mask": mask, "labels": labels}
 
 
-def _hf_token_logprob(net, enc, fmask, labels):
-  """log p(y_t | ...) `[B, T]` of the reference reader on fused states (targets = labels
-  shifted; 0 on unscored positions) and the scored-token mask `[B, T]`."""
+def _hf_token_logprob(net, enc, fmask, labels, temperature=1.0):
+  """log softmax(logits / temperature)[y_t] `[B, T]` of the reference reader on fused states
+  (targets = labels shifted; 0 on unscored positions) and the scored-token mask `[B, T]`."""
   targets = np.concatenate([labels[:, 1:], np.zeros((len(labels), 1), labels.dtype)], axis=1)
   tmask = np.concatenate([labels[:, 1:] != 0, np.zeros((len(labels), 1), bool)], axis=1)
   with torch.no_grad():
     logits = net(encoder_outputs=BaseModelOutput(last_hidden_state=enc), attention_mask=fmask,
                  decoder_input_ids=torch.tensor(labels)).logits
-  logp = torch.log_softmax(logits.double(), -1).numpy()
+  logp = torch.log_softmax(logits.double() / temperature, -1).numpy()
   tok = np.take_along_axis(logp, targets[..., None], -1)[..., 0]
   return np.where(tmask, tok, 0.0), tmask
 
@@ -237,8 +237,10 @@ def test_fid_reader_side_targets_match_transformers(readers, name):
     keep[:, k] = 1
     sub = fmask * torch.tensor(keep.reshape(B, K * L) if name != "loop"
                                else 1 - keep.reshape(B, K * L))
-    tok_bkt[k], tmask = _hf_token_logprob(net, enc, sub, labels)
-    logp[:, k], ntok = tok_bkt[k].sum(-1), tmask.sum(-1)
+    tok, tmask = _hf_token_logprob(net, enc, sub, labels)
+    logp[:, k], ntok = tok.sum(-1), tmask.sum(-1)
+    # emdr2_token: Atlas's code divides the reader's logits by temperature_gold (0.5 here)
+    tok_bkt[k], _ = _hf_token_logprob(net, enc, sub, labels, temperature=0.5)
   scores = np.asarray(model.apply({"params": params}, batch["query_input_ids"],
                                   batch["query_attention_mask"], batch["passage_embeddings"],
                                   method=RagModel.retrieve_scores))
@@ -247,7 +249,7 @@ def test_fid_reader_side_targets_match_transformers(readers, name):
   elif name == "loop":
     want = _kl(scores, -logp / ntok[:, None], 2.0, 0.5)
   elif name == "emdr2_token":  # Atlas's code: -sum_t log sum_k p_retr(k) p(y_t|x,z_k,y_<t),
-    # averaged over the batch's scored tokens
+    # averaged over the batch's scored tokens, p(y_t|...) at the target temperature
     lp_r = scores / 2.0 - np.log(np.exp(scores / 2.0).sum(-1, keepdims=True))
     marg_bt = np.log(np.sum(np.exp(lp_r[:, :, None] + np.stack(tok_bkt, 1)), axis=1))
     want = float(-np.sum(np.where(tmask, marg_bt, 0.0)) / tmask.sum())

@@ -99,27 +99,45 @@ def test_emdr2_token_is_the_frozen_reader_rag_token_marginal(setup):
   the sequence-level form on answers longer than one token (its gradient routing:
   `test_generator_learns_from_the_marginal_and_the_retriever_from_the_objective`)."""
   model, params, batch = setup
+  # the smoke batch retrieves the same passages for every question and random towers score
+  # them alike: random passage vectors spread the doc scores, and random context tokens per
+  # passage make the reader's token log-likelihoods differ between passages
+  rng = np.random.default_rng(1)
+  emb = rng.standard_normal(batch["passage_embeddings"].shape)
+  ctx = rng.integers(5, model.generator_cfg.vocab_size, batch["context_input_ids"].shape)
+  batch = {**batch, "passage_embeddings": jnp.asarray(emb / 4, jnp.float32),
+           "context_input_ids": jnp.asarray(ctx, batch["context_input_ids"].dtype)}
+  # at init the cross-attention adds little to the decoder's residual stream: scale its value
+  # and output kernels so that each passage changes the answer's token log-likelihoods
+  strong = lambda path, x: x * 32.0 if ("cross_attn" in jax.tree_util.keystr(path) and x.ndim > 1
+                                       and "'key'" not in jax.tree_util.keystr(path)
+                                       and "'query'" not in jax.tree_util.keystr(path)) else x
+  params = {**params, "generator": jax.tree_util.tree_map_with_path(strong, params["generator"])}
   dec, targets, mask = (np.asarray(x) for x in batch_targets(batch,
                                                               model.generator_cfg.pad_token_id))
   logits = np.asarray(model.apply({"params": params}, batch["context_input_ids"],
                                   batch["context_attention_mask"], dec,
-                                  method=RagModel.generator_logits), np.float64)
+                                  method=RagModel.generator_logits), np.float64) / 0.7
   logp = logits - logits.max(-1, keepdims=True)
   logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
   tok_bkt = np.take_along_axis(logp, targets[:, None, :, None], -1)[..., 0]
   scores = np.asarray(batch_doc_scores(model, params, batch), np.float64)
+  assert np.ptp(scores, axis=-1).mean() > 0.5, np.ptp(scores, axis=-1)  # not a flat prior
   lp_r = scores / 0.5 - np.log(np.exp(scores / 0.5).sum(-1, keepdims=True))
   scored_bt = mask != 0
   marg_bt = np.log(np.exp(lp_r[:, :, None] + tok_bkt).sum(1))
   want = -np.sum(np.where(scored_bt, marg_bt, 0.0)) / np.sum(scored_bt)
   _, aux = jax.jit(lambda p: rag_loss(model, p, batch, "rag_token", retriever_loss="emdr2_token",
-                                      retriever_temperature=0.5))(params)
+                                      retriever_temperature=0.5,
+                                      target_temperature=0.7))(params)
   np.testing.assert_allclose(float(aux["retriever_loss"]), want, rtol=1e-5)
-  # multi-token answers: the sequence-level form is another number
+  # multi-token answers read differently per passage: marginalising per sequence instead (same
+  # tokens, same normalisation) is another number, so the check above tells the two forms apart
   assert np.max(scored_bt.sum(-1)) > 1
+  assert np.ptp(np.where(scored_bt[:, None], tok_bkt, 0.0), axis=1).max() > 0.1
   seq_bk = np.where(scored_bt[:, None], tok_bkt, 0.0).sum(-1)
-  want_seq = -np.mean(np.log(np.exp(lp_r + seq_bk).sum(-1)))
-  assert abs(want_seq - want) > 1e-3
+  want_seq = -np.sum(np.log(np.exp(lp_r + seq_bk).sum(-1))) / np.sum(scored_bt)
+  assert abs(want_seq - want) > 3 * 1e-5 * abs(want)  # outside the rtol of the check above
   with pytest.raises(ValueError, match="no null_baseline"):
     rag_loss(model, params, batch, "rag_token", retriever_loss="emdr2_token", null_baseline=True)
 

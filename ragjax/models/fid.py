@@ -14,6 +14,7 @@ path from the doc scores to the NLL, so the retriever trains only through `retri
            heads, layers and target tokens of alpha * ||v||, summed over the passage's tokens)
   "pdist" / "emdr2"  the reader run on each passage alone, log p(y | x, z_k)
   "emdr2_token"      the same runs token by token, log p(y_t | x, z_k, y_<t) `[B, K_r, T]`
+                     (the logits divided by the target temperature first, as Atlas's code)
   "loop"   the reader with passage k masked out of the cross-attention, log p(y | x, Z \\ z_k)
 
 Targets come from a deterministic pass under stop-gradient over all K_r passages (Atlas's eval-
@@ -117,14 +118,6 @@ def _subset_logprob(mdl: RagModel, enc_bse, mask_bs, keep_bsk, k: int, dec_bt, t
   return _seq_logprob(logits, rep(targets_bt), rep(mask_bt)).reshape(b, s)
 
 
-def _subset_token_logprob(mdl: RagModel, enc_bse, mask_bs, keep_bsk, k: int, dec_bt,
-                          targets_bt) -> Array:
-  """log p(y_t | x, passages kept, y_<t) for S passage subsets per example: `[B, S, T]` float32
-  (`_subset_logits`, `retriever_losses.token_logprobs`; mask the padded targets yourself)."""
-  b, s, _ = keep_bsk.shape
-  logits = _subset_logits(mdl, enc_bse, mask_bs, keep_bsk, k, dec_bt)
-  return retriever_losses.token_logprobs(logits.reshape((b, s) + logits.shape[1:]), targets_bt)
-
 
 def fid_loss(model: RagModel, params, batch: dict, label_smoothing: float = 0.0, *,
              reduce: str = "mean", deterministic: bool = True, rng: Array | None = None,
@@ -146,7 +139,7 @@ def fid_loss(model: RagModel, params, batch: dict, label_smoothing: float = 0.0,
   aux (float32 scalars, batch means): `nll_per_token`, `num_tokens`, `retrieval_entropy`,
   `top1_prior`, `doc_score_*` (`doc_score_stats`); with a retriever loss `retriever_loss`, and
   `posterior_entropy` and `posterior_prior_kl` (of p(z|x) p(y|x,z) over the K_r passages) for
-  pdist / emdr2.
+  pdist / emdr2 / emdr2_token.
 
   Raises: ValueError for an unknown retriever loss, reader_k outside [1, K_r], or dropout without
   `rng`; KeyError for a batch without doc-score inputs.
@@ -233,9 +226,12 @@ def _retriever_term(model, params, batch, scores_bk, sown, name, t_retr, t_tgt, 
   keep_bkk = jnp.broadcast_to(keep_kk, (b, k_r, k_r))
   token_bkt = None
   if name == "emdr2_token":
-    token_bkt = sg(model.apply({"params": sg(params)}, enc_bse, fmask_bs, keep_bkk, k_r, dec_bt,
-                               targets_bt, method=_subset_token_logprob))
-    logp_bk = jnp.sum(jnp.where((mask_bt != 0)[:, None, :], token_bkt, 0.0), axis=-1)
+    logits = sg(model.apply({"params": sg(params)}, enc_bse, fmask_bs, keep_bkk, k_r, dec_bt,
+                            method=_subset_logits))
+    logits_bktv = logits.reshape((b, k_r) + logits.shape[1:])
+    token_bkt = retriever_losses.token_logprobs(logits_bktv, targets_bt, temperature=t_tgt)
+    # the posterior statistics below read the plain log p(y | x, z_k)
+    logp_bk = losses.sequence_logprob(logits_bktv, targets_bt, mask_bt)
   else:
     logp_bk = sg(model.apply({"params": sg(params)}, enc_bse, fmask_bs, keep_bkk, k_r, dec_bt,
                              targets_bt, mask_bt, method=_subset_logprob))

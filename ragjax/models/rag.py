@@ -214,7 +214,8 @@ def rag_loss(model: RagModel, params, batch: dict, loss_name: str = "rag_token",
   "pdist" (`perplexity_distillation_loss`, target the per-token mean log p(y|x,z)), "emdr2"
   (`emdr_loss`, sequence level), "emdr2_token" (`emdr_token_loss`, the token-level form of
   Atlas's code: -sum_t log sum_z p(z|x) p(y_t|x,z,y_<t) averaged over the batch's answer tokens,
-  the reader's token log-likelihoods `[B, K_r, T]` at temperature 1), "loop"
+  the reader's token log-likelihoods `[B, K_r, T]` from its logits / `target_temperature`,
+  Atlas's temperature_gold), "loop"
   (`leave_one_out_loss`, target the per-token mean of
   log p(y|x, Z without z) = log sum_{j != z} p(j|x) p(y|x,j) / sum_{j != z} p(j|x): this
   reader reads each passage apart, so leaving one out is a re-marginalisation); the KL losses
@@ -319,7 +320,8 @@ def rag_loss(model: RagModel, params, batch: dict, loss_name: str = "rag_token",
       objective_scores, objective_stats = _with_in_batch_negatives(model, params, batch,
                                                                    scores_bk, stats, rngs)
     if retriever_loss == "emdr2_token":  # [B, K_r, T], -inf past the own K_r passages
-      token_bkt = retriever_losses.token_logprobs(target_logits, targets_bt)
+      token_bkt = retriever_losses.token_logprobs(target_logits, targets_bt,
+                                                  temperature=target_temperature)
       r_loss = retriever_losses.emdr_token_loss(
           objective_scores, pad_negatives(token_bkt, objective_scores.shape[1]), mask_bt,
           retriever_temperature=retriever_temperature)
