@@ -27,7 +27,12 @@ Measured 2026-12-03 (2-core AMD EPYC, AVX2; W = runs/bios_reader_s1 rebuilt on t
 - row=frozen,steps=300,reader=W: EM 0.180, F1 0.340, recall@1/@2/@4 0.335/0.540/0.745, 11 min.
 - row=query_ft,steps=300,in_batch=True,reader=W (PDist, T_r = 1, T_t = 0.1): EM 0.285, F1
   0.444, recall@1/@2/@4 0.600/0.725/0.885 (0.515/0.680/0.825 at step 75), 17 min 23 s.
-- the same with objective=adist --config.model.target_temperature=0.001: EM 0.025, recall@4
+- row=joint,steps=300,in_batch=True,reader=W (PDist, T_r = 1, asynchronous indexer; 2026-12-07,
+  same host type, W rebuilt to the same EM 0.286 / 0.584): EM 0.145 / 0.305 at steps 75 / 150
+  (frozen 0.075 / 0.125, query_ft 0.080 / 0.215), recall@1/@2/@4 0.745/0.845/0.950 at 75 and
+  0.800/0.915/0.990 at 150; 0.50 examples/s, index versions 0-140 (median staleness 31 steps),
+  44 min 41 s to step 150; stopped at step 160 by SIGTERM (resumable to 300).
+- the query_ft row with objective=adist --config.model.target_temperature=0.001: EM 0.025, recall@4
   0.365 (recall@50 0.995, no hubs): ADist's target stays at entropy 1.32-1.36 of ln 4.
 - row=query_ft,steps=250,in_batch=True,objective=adist (no reader, T_r = 1): no collapse,
   recall@1/@2/@4/@50 0.23/0.435/0.74/1.0 at 250; with T_r = 0.1 (the rows below) the
