@@ -33,9 +33,10 @@ import jax
 import jax.numpy as jnp
 
 from ragjax.models.rag import (RagModel, batch_doc_scores, batch_targets, doc_score_stats,
-                               in_batch_scores, negative_stats, pad_negatives)
+                               in_batch_scores, negative_stats)
 from ragjax.objectives import rag_losses as losses
 from ragjax.objectives import retriever_losses
+from ragjax.objectives.retriever_losses import pad_negatives
 
 Array = jax.Array
 FID_RETRIEVER_LOSSES = ("none", "adist", "pdist", "emdr2", "emdr2_token", "loop")

@@ -32,6 +32,7 @@ from ragjax.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from ragjax.objectives import dpr as dpr_objective
 from ragjax.objectives import rag_losses as losses
 from ragjax.objectives import retriever_losses
+from ragjax.objectives.retriever_losses import pad_negatives
 
 Array = jax.Array
 
@@ -215,8 +216,7 @@ def rag_loss(model: RagModel, params, batch: dict, loss_name: str = "rag_token",
   (`emdr_loss`, sequence level), "emdr2_token" (`emdr_token_loss`, the token-level form of
   Atlas's code: -sum_t log sum_z p(z|x) p(y_t|x,z,y_<t) averaged over the batch's answer tokens,
   the reader's token log-likelihoods `[B, K_r, T]` from its logits / `target_temperature`,
-  Atlas's temperature_gold), "loop"
-  (`leave_one_out_loss`, target the per-token mean of
+  Atlas's temperature_gold), "loop" (`leave_one_out_loss`, target the per-token mean of
   log p(y|x, Z without z) = log sum_{j != z} p(j|x) p(y|x,j) / sum_{j != z} p(j|x): this
   reader reads each passage apart, so leaving one out is a re-marginalisation); the KL losses
   reduce as Atlas does ("elementwise_mean"). aux then has `retriever_loss` (its value).
@@ -378,14 +378,6 @@ def in_batch_scores(model: RagModel, params, batch: dict, scores_bk: Array, rngs
   order_bn = jnp.argsort(~others_bn, axis=1, stable=True)[:, :b * k - k]  # the others' columns
   rest_bn = jnp.take_along_axis(jnp.where(others_bn & ~dup_bn, ext_bn, -jnp.inf), order_bn, 1)
   return jnp.concatenate([own_bk, rest_bn], axis=1)
-
-
-def pad_negatives(target_bk: Array, width: int) -> Array:
-  """A reader-side target `[B, K, ...]` (e.g. per-token `[B, K, T]`) extended to
-  `[B, width, ...]` with -inf (no target mass on the in-batch negatives of `in_batch_scores`)."""
-  b, k = target_bk.shape[:2]
-  pad = jnp.full((b, width - k) + tuple(target_bk.shape[2:]), -jnp.inf, jnp.float32)
-  return jnp.concatenate([target_bk.astype(jnp.float32), pad], axis=1)
 
 
 def negative_stats(obj_scores_bn: Array, k_r: int, retriever_temperature: float) -> dict:

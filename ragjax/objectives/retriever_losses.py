@@ -322,6 +322,15 @@ def leave_one_out_loss(scores_bk: jax.Array, loo_logprob_bk: jax.Array, *,
                   target_temperature, reduce, null_baseline)
 
 
+def pad_negatives(target_bk: jax.Array, width: int) -> jax.Array:
+  """A reader-side target `[B, K, ...]` (e.g. per-token `[B, K, T]`) extended to
+  `[B, width, ...]` float32 with -inf: no target mass on in-batch negatives (scores `[B, width]`,
+  `ragjax.models.rag.in_batch_scores`)."""
+  b, k = target_bk.shape[:2]
+  pad = jnp.full((b, width - k) + tuple(target_bk.shape[2:]), -jnp.inf, jnp.float32)
+  return jnp.concatenate([jnp.asarray(target_bk).astype(jnp.float32), pad], axis=1)
+
+
 # ---------------------------------------------------------------------------- Atlas: EMDR²
 
 def token_logprobs(logits_bktv: jax.Array, targets_bt: jax.Array, *,
