@@ -511,6 +511,9 @@ def test_errors():
     rl.perplexity_distillation_loss(s, t, retriever_temperature=1.0, target_temperature=-1.0)
   with pytest.raises(ValueError, match="target_mask"):
     rl.emdr_token_loss(s, np.zeros((B, K, 2)), np.ones((B, 3)), retriever_temperature=1.0)
+  with pytest.raises(ValueError, match="no null baseline"):
+    rl.emdr_token_loss(s, np.zeros((B, K, 2)), np.ones((B, 2)), retriever_temperature=1.0,
+                       null_baseline=True)
   with pytest.raises(ValueError):
     rl.token_logprobs(np.zeros((2, 3, 4, 5)), np.zeros((2, 5), np.int32))
   attn, vnorm, pmask, tmask = _attn_case()

@@ -138,7 +138,7 @@ def test_emdr2_token_is_the_frozen_reader_rag_token_marginal(setup):
   seq_bk = np.where(scored_bt[:, None], tok_bkt, 0.0).sum(-1)
   want_seq = -np.sum(np.log(np.exp(lp_r + seq_bk).sum(-1))) / np.sum(scored_bt)
   assert abs(want_seq - want) > 3 * 1e-5 * abs(want)  # outside the rtol of the check above
-  with pytest.raises(ValueError, match="no null_baseline"):
+  with pytest.raises(ValueError, match="no null baseline"):
     rag_loss(model, params, batch, "rag_token", retriever_loss="emdr2_token", null_baseline=True)
 
 

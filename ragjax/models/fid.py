@@ -109,17 +109,6 @@ def _subset_logits(mdl: RagModel, enc_bse, mask_bs, keep_bsk, k: int, dec_bt) ->
   return fid_decode(mdl, jnp.repeat(dec_bt, s, axis=0), jnp.repeat(enc_bse, s, axis=0), sub_ns)
 
 
-def _subset_logprob(mdl: RagModel, enc_bse, mask_bs, keep_bsk, k: int, dec_bt, targets_bt,
-                    mask_bt) -> Array:
-  """log p(y | x, passages kept) for S passage subsets per example: `keep_bsk` `[B, S, K]` bool
-  -> `[B, S]` float32 (`_subset_logits`, token log-likelihoods summed over `mask_bt`)."""
-  b, s, _ = keep_bsk.shape
-  logits = _subset_logits(mdl, enc_bse, mask_bs, keep_bsk, k, dec_bt)
-  rep = lambda x: jnp.repeat(x, s, axis=0)
-  return _seq_logprob(logits, rep(targets_bt), rep(mask_bt)).reshape(b, s)
-
-
-
 def fid_loss(model: RagModel, params, batch: dict, label_smoothing: float = 0.0, *,
              reduce: str = "mean", deterministic: bool = True, rng: Array | None = None,
              retriever_loss: str = "none", retriever_temperature: float = 1.0,
@@ -225,17 +214,10 @@ def _retriever_term(model, params, batch, scores_bk, sown, name, t_retr, t_tgt, 
   eye_kk = jnp.eye(k_r, dtype=bool)
   keep_kk = eye_kk if name in ("pdist", "emdr2", "emdr2_token") else ~eye_kk  # alone | all but one
   keep_bkk = jnp.broadcast_to(keep_kk, (b, k_r, k_r))
-  token_bkt = None
-  if name == "emdr2_token":
-    logits = sg(model.apply({"params": sg(params)}, enc_bse, fmask_bs, keep_bkk, k_r, dec_bt,
-                            method=_subset_logits))
-    logits_bktv = logits.reshape((b, k_r) + logits.shape[1:])
-    token_bkt = retriever_losses.token_logprobs(logits_bktv, targets_bt, temperature=t_tgt)
-    # the posterior statistics below read the plain log p(y | x, z_k)
-    logp_bk = losses.sequence_logprob(logits_bktv, targets_bt, mask_bt)
-  else:
-    logp_bk = sg(model.apply({"params": sg(params)}, enc_bse, fmask_bs, keep_bkk, k_r, dec_bt,
-                             targets_bt, mask_bt, method=_subset_logprob))
+  logits = sg(model.apply({"params": sg(params)}, enc_bse, fmask_bs, keep_bkk, k_r, dec_bt,
+                          method=_subset_logits))
+  logits_bktv = logits.reshape((b, k_r) + logits.shape[1:])        # one decode per subset
+  logp_bk = losses.sequence_logprob(logits_bktv, targets_bt, mask_bt)  # log p(y | x, subset k)
   tokens_b1 = jnp.maximum(jnp.sum(mask_bt != 0, axis=-1), 1).astype(jnp.float32)[:, None]
   if name == "loop":
     return retriever_losses.leave_one_out_loss(
@@ -250,11 +232,11 @@ def _retriever_term(model, params, batch, scores_bk, sown, name, t_retr, t_tgt, 
     r_loss = kl_scale * retriever_losses.perplexity_distillation_loss(
         obj_scores, pad(logp_bk / tokens_b1), retriever_temperature=t_retr,
         target_temperature=t_tgt, null_baseline=null_baseline, reduce=kl_reduce)
-  elif name == "emdr2_token":
-    if null_baseline:
-      raise ValueError("retriever_loss='emdr2_token' has no null baseline")
+  elif name == "emdr2_token":  # the tempered per-token target (Atlas's temperature_gold)
+    token_bkt = retriever_losses.token_logprobs(logits_bktv, targets_bt, temperature=t_tgt)
     r_loss = retriever_losses.emdr_token_loss(obj_scores, pad(token_bkt), mask_bt,
-                                              retriever_temperature=t_retr)
+                                              retriever_temperature=t_retr,
+                                              null_baseline=null_baseline)
   else:
     r_loss = retriever_losses.emdr_loss(obj_scores, pad(logp_bk), retriever_temperature=t_retr,
                                         null_baseline=null_baseline)

@@ -259,9 +259,9 @@ def rag_loss(model: RagModel, params, batch: dict, loss_name: str = "rag_token",
   if retriever_loss not in RAG_RETRIEVER_LOSSES:
     raise ValueError(f"retriever_loss {retriever_loss!r}: expected one of {RAG_RETRIEVER_LOSSES} "
                      "(adist needs a FiD reader's cross-attention)")
-  if retriever_loss == "emdr2_token" and (null_baseline or target_evidence != "likelihood"):
+  if retriever_loss == "emdr2_token" and target_evidence != "likelihood":
     raise ValueError("retriever_loss='emdr2_token' reads the reader's own token log-likelihoods: "
-                     "no null_baseline, target_evidence='likelihood' only")
+                     "target_evidence='likelihood' only")
   rngs = None if deterministic else {"dropout": rng}
   if not deterministic and rng is None:
     raise ValueError("rag_loss: deterministic=False needs rng (dropout)")
@@ -324,7 +324,7 @@ def rag_loss(model: RagModel, params, batch: dict, loss_name: str = "rag_token",
                                                   temperature=target_temperature)
       r_loss = retriever_losses.emdr_token_loss(
           objective_scores, pad_negatives(token_bkt, objective_scores.shape[1]), mask_bt,
-          retriever_temperature=retriever_temperature)
+          retriever_temperature=retriever_temperature, null_baseline=null_baseline)
     else:
       r_loss = retriever_objective(retriever_loss, objective_scores, objective_stats,
                                    retriever_temperature, target_temperature, null_baseline,

@@ -410,7 +410,7 @@ def emdr_loss(scores_bk: jax.Array, seq_logprob_bk: jax.Array, *,
 
 def emdr_token_loss(scores_bk: jax.Array, token_logprob_bkt: jax.Array,
                     target_mask_bt: jax.Array, *, retriever_temperature: float,
-                    reduce: str = "token_mean") -> jax.Array:
+                    reduce: str = "token_mean", null_baseline: bool = False) -> jax.Array:
   """EMDR², token level (Atlas's code): -sum_t log sum_k p_retr(k) p_LM(y_t | q, d_k, y_<t).
 
   Atlas `gold_score_mode="emdr"`, `Atlas.logprob`: per example
@@ -429,11 +429,18 @@ def emdr_token_loss(scores_bk: jax.Array, token_logprob_bkt: jax.Array,
     retriever_temperature: positive static float (Atlas `temperature_score`).
     reduce: "token_mean" (sum / scored tokens in the batch; Atlas) | "mean" (/ B) | "sum" |
       "none" ([B], token-summed).
+    null_baseline: must be False: the token-level form has no null baseline (its per-token
+      posteriors have no exchangeable-evidence mean; `emdr_loss` has one). Taken so that every
+      caller passes its config through one check.
   Returns:
     float32 scalar, or [B] for reduce="none".
   Raises:
-    ValueError on mismatched shapes, an unknown reduce or a non-positive temperature.
+    ValueError on mismatched shapes, an unknown reduce, a non-positive temperature or
+    null_baseline=True.
   """
+  if null_baseline:
+    raise ValueError("retriever_loss='emdr2_token' has no null baseline (use 'emdr2', the "
+                     "sequence-level form, with retriever_null_baseline)")
   check_reduce(reduce, _TOKEN_REDUCTIONS)
   _check_temperature("retriever_temperature", retriever_temperature)
   scores_bk = _scores(scores_bk)
