@@ -45,12 +45,12 @@ COMMON = ("--config.train.tensorboard=false", "--config.optim.freeze=()",
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env():
   out = dict(os.environ)
   out.update(JAX_PLATFORMS="cpu",
              XLA_FLAGS=("--xla_force_host_platform_device_count=1 "
                         "--xla_backend_optimization_level=0"),  # compiles ~2x faster on CPU
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+             JAX_COMPILATION_CACHE_DIR=os.environ["JAX_COMPILATION_CACHE_DIR"],  # conftest
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              # a size limit turns on the cache's file lock: processes side by side share it
              JAX_COMPILATION_CACHE_MAX_SIZE=str(2**30))

@@ -24,12 +24,12 @@ ONE = ["--config.mesh.axes=(('data', 1), ('fsdp', 1), ('tensor', 1))",
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env():
   out = dict(os.environ)
   out.update(JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=1 "
                        "--xla_backend_optimization_level=0",
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+             JAX_COMPILATION_CACHE_DIR=os.environ["JAX_COMPILATION_CACHE_DIR"],  # conftest
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_COMPILATION_CACHE_MAX_SIZE=str(2**30))
   out.pop("RAGJAX_DEBUG", None)

@@ -27,13 +27,13 @@ COMPARED = ("loss", "grad_norm", "learning_rate", "nll_per_token", "retrieval_en
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env():
   out = dict(os.environ)
   out.update(JAX_PLATFORMS="cpu",
              XLA_FLAGS=(f"--xla_force_host_platform_device_count={DEVICES} "
                         # compiles ~2x faster on CPU; every compared run uses the same flags
                         "--xla_backend_optimization_level=0"),
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+             JAX_COMPILATION_CACHE_DIR=os.environ["JAX_COMPILATION_CACHE_DIR"],  # conftest
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              # a size limit turns on the cache's file lock: processes side by side share it
              JAX_COMPILATION_CACHE_MAX_SIZE=str(2**30))
