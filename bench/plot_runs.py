@@ -63,7 +63,7 @@ def main(argv=None):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, (ax_em, ax_r) = plt.subplots(1, 2, figsize=(10, 4))
+  fig, (ax_em, ax_r) = plt.subplots(1, 2, figsize=(10, 5))
   for w in args.workdirs:
     steps, em, rec = zip(*eval_curve(w, args.k))
     ax_em.plot(steps, em, marker="o", label=w.name)
@@ -80,8 +80,10 @@ def main(argv=None):
   ax_r.set(xlabel="step", ylabel=f"answer recall@{args.k}", title=f"answer recall@{args.k}")
   for ax in (ax_em, ax_r):
     ax.grid(alpha=0.3)
-    ax.legend()
-  fig.tight_layout()
+  # one legend for both panels, below them (inside, it hides points)
+  handles, labels = ax_em.get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+  fig.tight_layout(rect=(0, 0.06 * (1 + (len(labels) - 1) // 3), 1, 1))
   fig.savefig(args.out, dpi=100)
   print(f"wrote {args.out}")
 

@@ -25,6 +25,9 @@ row), exact top-k on the device, eval on 200 held-out questions every `steps / 4
 Measured 2026-12-03 (2-core AMD EPYC, AVX2; W = runs/bios_reader_s1 rebuilt on this host, EM
 0.584; 300 steps, eval every 75; README "The first trained retriever that beats the frozen one"):
 - row=frozen,steps=300,reader=W: EM 0.180, F1 0.340, recall@1/@2/@4 0.335/0.540/0.745, 11 min.
+- row=closed_book,steps=300,reader=W (2026-12-07): EM 0.020, F1 0.096, 6 min 40 s.
+- row=hybrid,steps=300,reader=W (2026-12-07): EM 0.200, F1 0.342, recall@1/@2/@4 0.320/0.535/
+  0.855 (the fused passages land at ranks 3-4, past K = 2), 13 min 48 s to the last eval.
 - row=query_ft,steps=300,in_batch=True,reader=W (PDist, T_r = 1, T_t = 0.1): EM 0.285, F1
   0.444, recall@1/@2/@4 0.600/0.725/0.885 (0.515/0.680/0.825 at step 75), 17 min 23 s.
 - row=joint,steps=300,in_batch=True,reader=W (PDist, T_r = 1, asynchronous indexer; 2026-12-07,
