@@ -41,7 +41,10 @@ Measured 2026-12-03 (2-core AMD EPYC, AVX2; W = runs/bios_reader_s1 rebuilt on t
   the target's posterior-vs-prior KL fell to 0.017-0.024 nats (little signal). Then
   row=query_ft,steps=300,in_batch=True --config.init.from_workdir=<that workdir>: EM 0.045 /
   0.115 / 0.170 / 0.200 at 75 / 150 / 225 / 300, F1 0.345, recall@1/@2/@4 0.525/0.710/0.830
-  (20 min 1 s): below the query_ft row from W alone (EM 0.285), the aim missed (README).
+  (20 min 1 s): below the query_ft row from W alone (EM 0.285), the aim missed (README). Cause:
+  the pretraining query is the masked passage text without its title, which alone names the
+  person; its masked answer is in the top-4 (own document excluded) for 9.2% of the examples
+  (`python bench/pretrain_probe.py --config experiments/bios_documents.py:row=pretrain`).
 - the query_ft row with objective=adist --config.model.target_temperature=0.001: EM 0.025, recall@4
   0.365 (recall@50 0.995, no hubs): ADist's target stays at entropy 1.32-1.36 of ln 4.
 - row=query_ft,steps=250,in_batch=True,objective=adist (no reader, T_r = 1): no collapse,
