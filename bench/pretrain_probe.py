@@ -2,9 +2,9 @@
 
   python bench/pretrain_probe.py --config experiments/bios_documents.py:row=pretrain --limit 400
 
-Builds the run's corpus and pretraining examples (`ragjax.system.build`'s data path: the
-config's corpus, `data.pretrain`), embeds the corpus and the first `--limit` queries with the
-frozen MiniLM retriever, searches exactly with each example's own passage (or document)
+Builds the run's corpus and pretraining examples as `ragjax.system.build` does (the config's
+corpus, `pretraining_examples_from_config` of its `data.pretrain`), embeds the corpus and the
+first `--limit` queries with the frozen MiniLM retriever, searches exactly with each example's own passage (or document)
 excluded, and prints the fraction of examples whose answer string occurs (case-insensitively)
 in one of the top-k passages, for k = 1, 2, 4, 50. A masked span that no retrieved passage
 contains gives PDist a target with no signal (every passage explains it equally badly). The
@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 from ragjax import config as config_lib  # noqa: E402
 from ragjax.data.sources import load_data  # noqa: E402
 from ragjax.models.retriever import load_retriever  # noqa: E402
-from ragjax.objectives.pretraining import pretraining_examples  # noqa: E402
+from ragjax.objectives.pretraining import pretraining_examples_from_config  # noqa: E402
 
 
 def main(argv=None):
@@ -31,13 +31,9 @@ def main(argv=None):
   ap.add_argument("--limit", type=int, default=400)
   args = ap.parse_args(argv)
   cfg = config_lib.load_config(args.config)
-  passages, _, evals = load_data(cfg)
+  passages, _, _ = load_data(cfg)
   pre = cfg.data.pretrain
-  examples = pretraining_examples(
-      passages, pre.objective, seed=int(pre.seed), exclude=pre.exclude,
-      mask_token=pre.mask_token, sentinel=pre.sentinel, noise_density=float(pre.noise_density),
-      mean_span_length=float(pre.mean_span_length), max_target_words=int(pre.max_target_words))
-  examples = examples[:args.limit]
+  examples = pretraining_examples_from_config(passages, pre)[:args.limit]
   retriever = load_retriever("minilm")
   p_nd = np.asarray(retriever.encode_passages([p.title for p in passages],
                                               [p.text for p in passages]))

@@ -32,30 +32,6 @@ def pytest_sessionfinish(session, exitstatus):
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
-# Longest files first (LPT scheduling): `-n 2 --dist loadfile` hands whole files to the two
-# workers in collection order, and by default xdist orders them by test count; a heavy file
-# started last leaves the other worker idle at the end. Seconds per file in the CI tier,
-# measured with `pytest -m "not slow" -n 2 --dist loadfile --durations=80` (2026-12-07, 2-core
-# AMD EPYC, AVX2); files not listed run after these in collection order. Scheduling only: the
-# tests and what they assert are unchanged.
-FILE_SECONDS = {
-    "test_reliability.py": 285, "test_serving.py": 239, "test_train.py": 239,
-    "test_train_resume.py": 211, "test_refresh.py": 197, "test_indexer_crash.py": 185,
-    "test_pretraining.py": 124, "test_fid.py": 120, "test_retriever_objective.py": 81,
-    "test_dpr_job.py": 75, "test_bert_parity.py": 63, "test_rag.py": 59, "test_cli.py": 58,
-    "test_sharded_topk.py": 47,
-}
-
-
-def pytest_configure(config):
-  if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order set below
-    config.option.loadscopereorder = False
-
-
-def pytest_collection_modifyitems(config, items):
-  weight = lambda item: -FILE_SECONDS.get(pathlib.Path(str(item.fspath)).name, 0)
-  items.sort(key=weight)  # stable: each file's tests keep their order
-
 
 @pytest.fixture(scope="module")
 def one_torch_thread():

@@ -29,9 +29,8 @@ def env():
   out.update(JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=1 "
                        "--xla_backend_optimization_level=0",
-             JAX_COMPILATION_CACHE_DIR=os.environ["JAX_COMPILATION_CACHE_DIR"],  # conftest
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_COMPILATION_CACHE_MAX_SIZE=str(2**30))
+             # the session's compilation cache (conftest: its directory and size limit)
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   out.pop("RAGJAX_DEBUG", None)
   return out
 

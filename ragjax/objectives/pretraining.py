@@ -152,3 +152,16 @@ def pretraining_examples(passages: Sequence[Passage], objective: str, *, seed: i
     raise DataError(f"{objective}: {what} in any of its {len(passages)} passages", path=where,
                     field="data.pretrain.objective")
   return out
+
+
+def pretraining_examples_from_config(passages: Sequence[Passage], pretrain,
+                                     where: str = "corpus") -> list[Question]:
+  """`pretraining_examples` with the options of a run's `data.pretrain` config block
+  (`ragjax.config`: objective, seed, exclude, mask_token, sentinel, noise_density,
+  mean_span_length, max_target_words). Raises: as `pretraining_examples`."""
+  return pretraining_examples(
+      passages, pretrain.objective, seed=int(pretrain.seed), exclude=pretrain.exclude,
+      mask_token=pretrain.mask_token, sentinel=pretrain.sentinel,
+      noise_density=float(pretrain.noise_density),
+      mean_span_length=float(pretrain.mean_span_length),
+      max_target_words=int(pretrain.max_target_words), where=where)

@@ -33,7 +33,7 @@ from ragjax.models.rag import RagModel
 from ragjax.models.retriever import EMBED_BUCKETS, Retriever, load_retriever
 from ragjax.models.seq2seq import Seq2SeqConfig
 from ragjax.models.seq2seq_import import load_seq2seq_dir, warm_start_from_bert
-from ragjax.objectives.pretraining import pretraining_examples
+from ragjax.objectives.pretraining import pretraining_examples_from_config
 from ragjax.retrieval.embed import corpus_fingerprint
 from ragjax.system.inputs import (DOC_SEP, ContextTables, GeneratorTokenizer, pad_rows,
                                   passage_tables)
@@ -234,11 +234,9 @@ def build_system(cfg) -> RagSystem:
   passages, train, evals = load_data(cfg)
   pre = cfg.data.get("pretrain", {})
   if pre and pre.get("objective", "none") != "none":  # unlabelled text: the corpus itself
-    train = pretraining_examples(
-        passages, pre.objective, seed=int(pre.seed), exclude=pre.exclude,
-        mask_token=pre.mask_token, sentinel=pre.sentinel, noise_density=float(pre.noise_density),
-        mean_span_length=float(pre.mean_span_length), max_target_words=int(pre.max_target_words),
-        where=str(cfg.data.get("corpus") or cfg.data.get("squad") or cfg.data.source))
+    train = pretraining_examples_from_config(
+        passages, pre, where=str(cfg.data.get("corpus") or cfg.data.get("squad")
+                                 or cfg.data.source))
     if cfg.data.max_train_questions:
       train = train[:int(cfg.data.max_train_questions)]
   if cfg.model.loss == "dpr":  # DPR trains on (question, gold passage) pairs
