@@ -4,11 +4,23 @@
 
 Builds the run's corpus and pretraining examples as `ragjax.system.build` does (the config's
 corpus, `pretraining_examples_from_config` of its `data.pretrain`), embeds the corpus and the
-first `--limit` queries with the frozen MiniLM retriever, searches exactly with each example's own passage (or document)
-excluded, and prints the fraction of examples whose answer string occurs (case-insensitively)
+first `--limit` queries with the frozen MiniLM retriever, searches exactly with each example's
+own passage (or document) excluded, and prints the fraction of examples whose answer string occurs (case-insensitively)
 in one of the top-k passages, for k = 1, 2, 4, 50. A masked span that no retrieved passage
 contains gives PDist a target with no signal (every passage explains it equally badly). The
-substring test over-counts common answers (a year that many passages mention).
+substring test over-counts common answers (a year that many passages mention). Trailing
+`--config.KEY=VALUE` arguments override the config as in `ragjax train`.
+
+Measured 2026-12-07 (2-core AMD EPYC, AVX2; ~1 min each), answer string in the top-1/2/4/50:
+  row=pretrain,pretrain_corpus=benchmark  (the benchmark's corpus, each fact told once; the
+                                           query the whole masked passage)   3.0 / 5.2 / 9.2 / 57.0 %
+  row=pretrain                            (400 other people, every attribute told in both
+                                           documents, no distractors, title + masked sentence)
+                                                                          44.0 / 56.5 / 69.0 / 87.7 %
+  row=pretrain --config.data.bios_docs.distractors=1                     18.0 / 30.0 / 41.0 / 65.0 %
+  row=pretrain --config.data.bios_docs.distractors=4                      7.2 / 15.0 / 24.2 / 68.2 %
+On the benchmark corpus 5.7% of the masked spans occur in the person's other document at all,
+and 66% of the whole-passage queries have their mask past the query encoder's 24 wordpieces.
 """
 from __future__ import annotations
 
@@ -29,8 +41,8 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--config", required=True)
   ap.add_argument("--limit", type=int, default=400)
-  args = ap.parse_args(argv)
-  cfg = config_lib.load_config(args.config)
+  args, overrides = ap.parse_known_args(argv)
+  cfg = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
   passages, _, _ = load_data(cfg)
   pre = cfg.data.pretrain
   examples = pretraining_examples_from_config(passages, pre)[:args.limit]

@@ -95,7 +95,7 @@ OBJECTIVES = {"pdist": 0.1, "adist": 0.01}
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, row="frozen", steps=1500, smoke=False, in_batch=False,
-                             reader="", objective="pdist")
+                             reader="", objective="pdist", pretrain_corpus="redundant")
   if arg.row not in ROWS:
     raise config_lib.ConfigError(f"experiments/bios_documents.py: row {arg.row!r}: expected one "
                                  f"of {ROWS}")
@@ -150,6 +150,16 @@ def get_config(arg=None):
   if arg.row == "pretrain":
     c.data.pretrain.objective = "salient_span"
     c.data.pretrain.exclude = "document"
+    if arg.pretrain_corpus == "redundant":  # other people, each fact told in both documents
+      c.data.bios_seed = 2
+      c.data.num_people = 400
+      c.data.bios_docs.restate_rate = 1.0
+      c.data.bios_docs.distractors = 0  # masked spans the other document restates
+      c.data.pretrain.query = "title_sentence"
+    elif arg.pretrain_corpus != "benchmark":  # the benchmark's own corpus, masked passages
+      raise config_lib.ConfigError(f"experiments/bios_documents.py: pretrain_corpus "
+                                   f"{arg.pretrain_corpus!r}: expected 'redundant' or "
+                                   f"'benchmark'")
   if arg.smoke:
     c.data.num_people = 40
     c.data.max_eval_questions = 8

@@ -8,10 +8,18 @@
           an asynchronous indexer process (`ragjax indexer`, started by the trainer, nice 10)
           re-embeds the 2,067 paragraphs from the newest checkpoint and publishes index versions
           while training goes on (as fast as it can; staleness bounded at 200 steps)
+  pretrain  joint salient-span pretraining over the 2,067 paragraphs (REALM §3.4; the query is
+          the article title + the sentence with its span masked, `data.pretrain.query`; its
+          own paragraph excluded from retrieval), both encoders training from step 0 with the
+          asynchronous indexer; fine-tune after it with variant=query or joint and
+          `--config.init.from_workdir=<its workdir>`, against the same variant from scratch
 
   ragjax train --config experiments/squad_open.py:loss=rag_token  --workdir runs/squad_rag_token
   ragjax train --config experiments/squad_open_joint.py:variant=query --workdir runs/sqj_query
   ragjax train --config experiments/squad_open_joint.py:variant=joint --workdir runs/sqj_joint
+  ragjax train --config experiments/squad_open_joint.py:variant=pretrain,steps=100 --workdir runs/sqj_pt
+  ragjax train --config experiments/squad_open_joint.py:variant=query \
+    --config.init.from_workdir=runs/sqj_pt --workdir runs/sqj_pt_query
 
 measured (2-core CPU, shared, 2026-11-21; 500 held-out questions, EM / answer recall@5):
   frozen 0.000 / 0.894 (41.8 min wall, ~20 paused), query 0.000 / 0.898 (15.2 min), joint
@@ -28,7 +36,7 @@ _spec = importlib.util.spec_from_file_location(
     "ragjax_experiment_squad_open", pathlib.Path(__file__).with_name("squad_open.py"))
 squad_open = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(squad_open)
-VARIANTS = ("frozen", "query", "joint")
+VARIANTS = ("frozen", "query", "joint", "pretrain")
 
 
 def get_config(arg=None):
@@ -40,7 +48,7 @@ def get_config(arg=None):
   if arg.variant == "frozen":
     return squad_open.get_config(base)
   c = squad_open.get_config(base + ",train_retriever=True")
-  if arg.variant == "joint":
+  if arg.variant in ("joint", "pretrain"):
     c.optim.freeze = ()
     c.optim.lr_multipliers.passage_encoder = c.optim.lr_multipliers.query_encoder
     c.optim.start_steps.passage_encoder = c.optim.start_steps.query_encoder
@@ -50,6 +58,12 @@ def get_config(arg=None):
     c.index.refresh.max_staleness_steps = 200
     c.index.refresh.indexer_nice = 10
     c.train.keep_checkpoints = 2
+  if arg.variant == "pretrain":
+    c.data.pretrain.objective = "salient_span"
+    c.data.pretrain.exclude = "passage"
+    c.data.pretrain.query = "title_sentence"
+    c.optim.start_steps.passage_encoder = c.optim.start_steps.query_encoder = 0
+    c.train.checkpoint_every = max(1, c.train.total_steps // 4)
     if arg.smoke:
       c.index.refresh.max_staleness_steps = 0
       c.index.refresh.spawn_indexer = False

@@ -17,6 +17,7 @@ import ast
 import importlib.util
 import json
 import pathlib
+import dataclasses
 from dataclasses import dataclass
 
 import jax
@@ -24,9 +25,10 @@ import ml_collections
 
 from ragjax import sharding
 from ragjax.config_checks import (  # noqa: F401 (re-exported: ragjax.config.READERS, ...)
-    BIOS_LAYOUTS, CONTEXT_MODES, DATA_SOURCES, DPR_NEGATIVES, PRETRAIN_EXCLUDE,
+    BIOS_LAYOUTS, CONTEXT_MODES, DATA_SOURCES, DPR_NEGATIVES, PRETRAIN_EXCLUDE, PRETRAIN_QUERIES,
     PRETRAIN_OBJECTIVES, READERS, RETRIEVER_LOSSES, _choice, check_indexer_placement,
     config_file_errors, retrieved_k, validate_dpr, validate_retriever_loss, validate_sources)
+from ragjax.data.synthetic_docs import DocOptions
 from ragjax.errors import ConfigError, DataError
 
 TOWERS = ("query_encoder", "passage_encoder", "generator")
@@ -152,6 +154,8 @@ def base_config() -> ml_collections.ConfigDict:
       seed=0,                     # example order: permutation per (seed, epoch)
       num_people=2000, bios_seed=0, eval_fraction=0.2,       # source=bios
       bios_layout="single",       # "single" | "documents" (source=bios; data.synthetic_docs)
+      bios_docs=dataclasses.asdict(DocOptions()),  # bios_layout="documents": its generator's
+                                  # options (ragjax.data.synthetic_docs.DocOptions)
       passage_context="none",     # none | first_sentence | file: contextual retrieval
       passage_context_file="",    # (data.contextualize), applied to every source's passages
       corpus="", train_questions="", eval_questions="",      # source=files
@@ -160,6 +164,8 @@ def base_config() -> ml_collections.ConfigDict:
       pretrain=dict(              # joint pretraining: train on the corpus itself, not questions
           objective="none",       # none | salient_span (REALM) | prefix_lm | span_corruption
           exclude="passage",      # passage | document: what a query may never retrieve
+          query="passage",        # salient_span: passage (the masked passage) | title_sentence
+                                  # (its title + the sentence holding the mask)
           seed=0, mask_token="[MASK]", sentinel="<extra_id_{}>", noise_density=0.15,
           mean_span_length=3.0, max_target_words=8))
   c.retriever = dict(

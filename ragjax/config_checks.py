@@ -17,6 +17,7 @@ DATA_SOURCES = ("bios", "files", "squad_split")
 BIOS_LAYOUTS = ("single", "documents")
 PRETRAIN_OBJECTIVES = ("salient_span", "prefix_lm", "span_corruption")  # ragjax.objectives.pretraining
 PRETRAIN_EXCLUDE = ("passage", "document")
+PRETRAIN_QUERIES = ("passage", "title_sentence")  # salient_span query text
 CONTEXT_MODES = ("none", "first_sentence", "file")  # ragjax.data.contextualize
 
 
@@ -134,6 +135,7 @@ def validate_sources(cfg) -> None:
   if pre and pre.get("objective", "none") != "none":
     _choice(pre.objective, PRETRAIN_OBJECTIVES + ("none",), "data.pretrain.objective")
     _choice(pre.exclude, PRETRAIN_EXCLUDE, "data.pretrain.exclude")
+    _choice(pre.get("query", "passage"), PRETRAIN_QUERIES, "data.pretrain.query")
     if cfg.model.loss == "closed_book":
       raise ConfigError("data.pretrain.objective: closed_book retrieves nothing to pretrain")
   if d.source != "bios":

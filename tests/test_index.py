@@ -51,6 +51,26 @@ def test_exact_index_search_returns_ids_and_batches_queries():
     idx.search(q[:, :4], 5)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_exact_index_holds_one_copy_and_a_loaded_index_searches_alike(tmp_path, dtype):
+  """A float32 index's device corpus is its host embeddings' buffer (no second copy on the
+  CPU); a saved and loaded index returns the built one's top-k; bfloat16 storage keeps
+  the float32 embeddings for saving and finds the brute-force top-5 of well-separated data."""
+  x, q = clustered(1000, 8, 10, 4), clustered(50, 8, 10, 5)
+  ids = [f"p{i}" for i in range(1000)]
+  idx = ExactIndex.build(x, ids, chunk=300, dtype=dtype)
+  _, got = idx.search(q, 5)
+  np.testing.assert_array_equal(idx.embeddings, x)
+  assert idx.embeddings.dtype == np.float32
+  if dtype == "float32":
+    np.testing.assert_array_equal(got, np.asarray(ids, dtype=object)[brute_force(q, x, 5)])
+    assert idx._device_corpus.unsafe_buffer_pointer() == idx.embeddings.ctypes.data
+  idx.save(tmp_path / "idx")
+  loaded = load_index(tmp_path / "idx")
+  np.testing.assert_array_equal(loaded.search(q, 5)[1], got)
+  np.testing.assert_array_equal(loaded.embeddings, x)
+
+
 def test_approximate_topk_on_device_has_high_recall():
   x, q = clustered(4000, 32, 40, 4), clustered(50, 32, 40, 5)
   _, r = topk_chunked(jnp.asarray(q), jnp.asarray(x), k=10, chunk=1024, approximate=True)

@@ -223,3 +223,29 @@ def test_init_towers_is_checked(pretrained):
                                      "init.index=keep"])
     with pytest.raises(ConfigError, match=words):
       config_lib.validate(cfg)
+
+
+def test_title_sentence_queries_hold_the_title_and_the_masked_sentence_and_never_a_title_span():
+  """query="title_sentence": "<title>: <the sentence with its span masked>"; the sentence is
+  the passage's, split at . ! ?; a span whose text is in the title (here "Ximena Costa") is
+  never the target; the answers are those the passage query form could draw."""
+  sentences = ["Ximena Costa was born on 12 March 1987 in Lyon.",
+               "She studied physics at the University of Tokyo and earned 3,370 dollars in 2004.",
+               "In May 1990 she scored 4.5 of 17."]
+  p = Passage("d1-0", "Ximena Costa", TEXT)
+  seen = set()
+  for seed in range(40):
+    [q] = pretraining_examples([p], "salient_span", seed=seed, query="title_sentence")
+    title, _, sentence = q.question.partition(": ")
+    assert title == "Ximena Costa" and q.question.count("[MASK]") == 1
+    assert sentence.replace("[MASK]", q.answers[0]) in sentences
+    assert q.answers[0] != "Ximena Costa"
+    seen.add(q.answers[0])
+  assert seen == {TEXT[a:b] for a, b, _ in salient_spans(TEXT)} - {"Ximena Costa"}
+  with pytest.raises(DataError, match=r"data\.pretrain\.query"):
+    pretraining_examples([p], "salient_span", query="sentence")
+  cfg = config_lib.load_config("experiments/bios.py:smoke")
+  cfg.data.pretrain.objective = "salient_span"
+  cfg.data.pretrain.query = "title"
+  with pytest.raises(ConfigError, match="data.pretrain.query 'title'"):
+    config_lib.validate(cfg, data=True)

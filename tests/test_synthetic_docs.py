@@ -233,3 +233,46 @@ def test_options_change_the_data_and_bad_ones_are_named():
     synthetic_docs.make_bio_documents(10, eval_fraction=1.0)
   empty = synthetic_docs.make_bio_documents(0)
   assert empty.passages == [] and empty.train_questions == [] and empty.eval_questions == []
+
+
+def test_restate_rate_states_each_fact_again_in_the_other_document_and_changes_nothing_else(bios):
+  """restate_rate=1: every attribute's answer is also in a passage of the person's other
+  document (profile <-> news); each passage's text only gains sentences at its end; the
+  questions (and their gold ids) are those of restate_rate=0, which is the default corpus."""
+  n = 200
+  base = synthetic_docs.make_bio_documents(n, seed=0)
+  assert base.passages == bios.passages[:len(base.passages)]  # default: restate_rate=0
+  red = synthetic_docs.make_bio_documents(n, seed=0, restate_rate=1.0)
+  assert red.train_questions == base.train_questions
+  assert red.eval_questions == base.eval_questions
+  assert [p.id for p in red.passages] == [p.id for p in base.passages]
+  grew = 0
+  for p, q in zip(base.passages, red.passages):
+    assert q.title == p.title and q.text.startswith(p.text)
+    grew += q.text != p.text
+  assert grew >= n  # 5 facts a person restated, into 1-2 passages of the other document
+  passages = {p.id: p for p in red.passages}
+  for q in red.train_questions + red.eval_questions:
+    gold_doc = "profile" if "-profile-" in q.gold_passage_ids[0] else "news"
+    other = [p for p in red.passages if _person(p.id) == _person(q.id) and gold_doc not in p.id]
+    assert any(has_answer(p.text, q.answers) for p in other), q.id
+    assert has_answer(passages[q.gold_passage_ids[0]].text, q.answers)
+  half = synthetic_docs.make_bio_documents(n, seed=0, restate_rate=0.5)
+  changed = sum(a.text != b.text for a, b in zip(base.passages, half.passages))
+  assert 0 < changed < grew
+  with pytest.raises(ValueError, match="restate_rate"):
+    synthetic_docs.make_bio_documents(10, restate_rate=2.0)
+
+
+def test_load_data_passes_the_documents_options_and_names_a_bad_one():
+  from ragjax import config as config_lib
+  from ragjax.data.sources import load_data
+  from ragjax.errors import DataError
+  c = config_lib.base_config()
+  c.data.num_people = 30
+  c.data.bios_layout = "documents"
+  c.data.bios_docs.distractors = 0
+  assert load_data(c)[0] == synthetic_docs.make_bio_documents(30, distractors=0).passages
+  c.data.bios_docs.distractors = 7
+  with pytest.raises(DataError, match=r"data\.bios_docs.*distractors must be an int in \[0, 4\]"):
+    load_data(c)

@@ -26,8 +26,12 @@ def load_data(cfg) -> tuple[list[Passage], list[Question], list[Question]]:
   if d.source == "bios":
     layout = d.get("bios_layout", "single")
     if layout == "documents":  # multi-passage documents: a frozen retriever is weak there
-      bios = make_bio_documents(int(d.num_people), seed=int(d.bios_seed),
-                                eval_fraction=float(d.eval_fraction))
+      try:
+        bios = make_bio_documents(int(d.num_people), seed=int(d.bios_seed),
+                                  eval_fraction=float(d.eval_fraction),
+                                  **dict(d.get("bios_docs", {})))
+      except ValueError as e:
+        raise DataError(str(e), path="config", field="data.bios_docs") from e
     elif layout == "single":
       bios = make_bios(int(d.num_people), seed=int(d.bios_seed),
                        eval_fraction=float(d.eval_fraction))

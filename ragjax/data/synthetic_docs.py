@@ -23,7 +23,10 @@ birth city; their questions name the one meant: "Where did the Ximena Costa born
 
 Every question is about one attribute of one person, its single answer is stated (verbatim, once)
 in exactly one passage of that person, and that passage's id is the question's gold passage id. No
-other passage of the person contains the answer string (distractor values exclude it).
+other passage of the person contains the answer string (distractor values exclude it). The option
+`restate_rate` (default 0, the benchmark) states an attribute a second time in the person's other
+document, the redundancy that salient-span pretraining needs (a masked fact stated once, in the
+query's own passage, can be retrieved from nowhere); the gold id stays the first statement's.
 
 Determinism: as `synthetic` (seeded PCG64 streams, no `hash()`): person `i`'s passages and
 questions depend on `(seed, i, options)` only: the namesake groups are drawn per chunk of 4,096
@@ -62,6 +65,7 @@ A RAG config over this corpus needs `model.context_max_length` ~ 120 (passage <=
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
 import json
@@ -94,10 +98,13 @@ class DocOptions:
   personal_section: float = 0.5    # P(the profile has a "personal life" passage)
   distractors: int = 4             # distractor sentences per passage
   headings: bool = False           # profile passages open "Early life." / "Education." / ...
+  restate_rate: float = 0.0        # P(an attribute is stated again in the person's other
+                                   # document): redundancy for joint pretraining (REALM's
+                                   # salient spans need the fact told twice); 0: told once
 
   def __post_init__(self):
     for name in ("shared_name_rate", "name_in_text", "surname_in_news", "role_noun",
-                 "news_attribute_rate", "personal_section"):
+                 "news_attribute_rate", "personal_section", "restate_rate"):
       v = getattr(self, name)
       if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
         raise ValueError(f"option {name} must be a probability in [0, 1], got {v!r}")
@@ -296,6 +303,26 @@ def _shuffled(rng: np.random.Generator, items: list) -> list:
   return [items[k] for k in rng.permutation(len(items)).tolist()] if items else []
 
 
+def _restated(passages: list[Passage], gold: dict[str, str], w: _Writer,
+              rng: np.random.Generator, opts: DocOptions) -> list[Passage]:
+  """`passages` with each attribute (probability `opts.restate_rate`) stated once more, at the
+  end of a random passage of the person's other document (profile <-> news), by the surname
+  (probability `surname_in_news`) or a pronoun / role noun. Draws only from `rng`, a stream of
+  its own, so the corpus at `restate_rate=0` is unchanged."""
+  w = copy.copy(w)
+  w.rng = rng
+  out = list(passages)
+  for attr in ATTRIBUTES:
+    if rng.random() >= opts.restate_rate:
+      continue
+    doc = "-news-" if "-profile-" in gold[attr] else "-profile-"
+    rows = [i for i, q in enumerate(out) if doc in q.id]
+    i = rows[int(rng.integers(len(rows)))]
+    who = w.subject("surname" if rng.random() < opts.surname_in_news else "later")
+    out[i] = dataclasses.replace(out[i], text=f"{out[i].text} {w.fact(attr, who)}")
+  return out
+
+
 def _person_records(dp: DocPerson, seed: int, opts: DocOptions
                     ) -> tuple[list[Passage], list[Question]]:
   """Person `dp`'s passages (profile sections, then news) and 5 questions."""
@@ -353,6 +380,8 @@ def _person_records(dp: DocPerson, seed: int, opts: DocOptions
     gold.update({a: pid for a in attrs})
     passages.append(Passage(id=pid, title=f"{dp.display}: news", text=" ".join(sentences)))
 
+  if opts.restate_rate > 0:
+    passages = _restated(passages, gold, w, np.random.default_rng([seed, 32, p.index]), opts)
   questions = []
   q_tpl = rng.integers(0, 1 << 30, size=len(ATTRIBUTES)).tolist()
   q_form = rng.random(size=len(ATTRIBUTES)).tolist()

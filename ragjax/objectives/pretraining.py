@@ -10,6 +10,13 @@ target) example whose retrieval must not return the passage itself.
     names    a run of >= 2 capitalised words (joined by "of", "de", "van", ...), or 1 not at
              the start of a sentence ("Ximena Costa", "University of Tokyo", "Lyon"); month
              names and a sentence's first word alone are not names.
+  `query="title_sentence"` makes the query the passage's title and the sentence holding the mask
+  ("Ximena Costa: news: She studied at [MASK]."), so that a short query encoder window
+  (`model.query_max_length`) still sees the mask and who the passage is about; a span whose text
+  occurs in the title (underscores read as spaces) is then never masked (the title would give it
+  away). Salient-span
+  pretraining needs redundancy: a fact stated only in the query's own (excluded) passage can be
+  retrieved from nowhere, and its target then carries no signal for the retriever.
 - "prefix_lm" (Atlas, Izacard et al. 2022 §2.3 "Prefix language modeling"): the passage split
   at a word boundary near the middle; the query is the prefix, the target the next words.
 - "span_corruption" (T5, Raffel et al. 2020 §3.1.4; Atlas §2.3 "Masked language modeling"):
@@ -31,6 +38,7 @@ import numpy as np
 
 from ragjax.config import PRETRAIN_EXCLUDE as EXCLUDE
 from ragjax.config import PRETRAIN_OBJECTIVES
+from ragjax.config import PRETRAIN_QUERIES as QUERIES
 from ragjax.data.corpus import Passage
 from ragjax.data.qa import Question
 from ragjax.errors import DataError
@@ -75,12 +83,24 @@ def salient_spans(text: str) -> list[tuple[int, int, str]]:
   return sorted(out)
 
 
-def _salient(p: Passage, rng, mask_token):
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def _salient(p: Passage, rng, mask_token, query):
   spans = salient_spans(p.text)
+  if query == "title_sentence":
+    title = re.sub(r"[\s_]+", " ", p.title.lower())  # "Super_Bowl_50" names "super bowl"
+    spans = [s for s in spans if p.text[s[0]:s[1]].lower() not in title]
   if not spans:
     return None
   a, b, _ = spans[rng.randint(len(spans))]
-  return p.text[:a] + mask_token + p.text[b:], p.text[a:b]
+  if query == "passage":
+    return p.text[:a] + mask_token + p.text[b:], p.text[a:b]
+  starts = [0] + [m.end() for m in _SENTENCE_END.finditer(p.text)]
+  ends = [m.start() for m in _SENTENCE_END.finditer(p.text)] + [len(p.text)]
+  lo, hi = next((s, e) for s, e in zip(starts, ends) if s <= a < e + 1)
+  sentence = p.text[lo:a] + mask_token + p.text[b:max(hi, b)]
+  return (f"{p.title}: {sentence}" if p.title else sentence), p.text[a:b]
 
 
 def _prefix(p: Passage, rng, max_target_words):
@@ -116,19 +136,22 @@ def pretraining_examples(passages: Sequence[Passage], objective: str, *, seed: i
                          exclude: str = "passage", mask_token: str = "[MASK]",
                          sentinel: str = "<extra_id_{}>", noise_density: float = 0.15,
                          mean_span_length: float = 3.0, max_target_words: int = 8,
-                         where: str = "corpus") -> list[Question]:
+                         query: str = "passage", where: str = "corpus") -> list[Question]:
   """One pretraining `Question` per passage that yields one (module docstring): `question` is
   the query text, `answers` its one target, `exclude_passage_ids` the passage (or document)
-  it came from. Deterministic in `seed`.
+  it came from. `query` ("passage" | "title_sentence") shapes a salient-span query (module
+  docstring). Deterministic in `seed`.
 
-  Raises: DataError (naming `where`, the corpus) for an unknown objective or exclude mode, or a
-  corpus with no example (e.g. no salient span in any passage).
+  Raises: DataError (naming `where`, the corpus) for an unknown objective, exclude mode or query
+  form, or a corpus with no example (e.g. no salient span in any passage).
   """
   if objective not in PRETRAIN_OBJECTIVES:
     raise DataError(f"expected one of {PRETRAIN_OBJECTIVES}", path=objective,
                     field="data.pretrain.objective")
   if exclude not in EXCLUDE:
     raise DataError(f"expected one of {EXCLUDE}", path=exclude, field="data.pretrain.exclude")
+  if query not in QUERIES:
+    raise DataError(f"expected one of {QUERIES}", path=query, field="data.pretrain.query")
   doc_ids = defaultdict(list)
   for p in passages:
     doc_ids[p.title].append(p.id)
@@ -136,7 +159,7 @@ def pretraining_examples(passages: Sequence[Passage], objective: str, *, seed: i
   out = []
   for p in passages:
     if objective == "salient_span":
-      got = _salient(p, rng, mask_token)
+      got = _salient(p, rng, mask_token, query)
     elif objective == "prefix_lm":
       got = _prefix(p, rng, max_target_words)
     else:
@@ -158,10 +181,11 @@ def pretraining_examples_from_config(passages: Sequence[Passage], pretrain,
                                      where: str = "corpus") -> list[Question]:
   """`pretraining_examples` with the options of a run's `data.pretrain` config block
   (`ragjax.config`: objective, seed, exclude, mask_token, sentinel, noise_density,
-  mean_span_length, max_target_words). Raises: as `pretraining_examples`."""
+  mean_span_length, max_target_words, query). Raises: as `pretraining_examples`."""
   return pretraining_examples(
       passages, pretrain.objective, seed=int(pretrain.seed), exclude=pretrain.exclude,
       mask_token=pretrain.mask_token, sentinel=pretrain.sentinel,
       noise_density=float(pretrain.noise_density),
       mean_span_length=float(pretrain.mean_span_length),
-      max_target_words=int(pretrain.max_target_words), where=where)
+      max_target_words=int(pretrain.max_target_words),
+      query=pretrain.get("query", "passage"), where=where)

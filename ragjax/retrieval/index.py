@@ -25,7 +25,7 @@ import numpy as np
 
 from ragjax.errors import IndexFormatError
 from ragjax.fsutil import atomic_directory, write_json_atomic
-from ragjax.retrieval.topk import block_corpus, topk_blocks
+from ragjax.retrieval.topk import topk_blocks
 
 MANIFEST = "manifest.json"
 FORMAT = "ragjax.index/1"
@@ -139,6 +139,15 @@ class Index(abc.ABC):
     ...
 
 
+def _aligned_zeros(shape, dtype, align: int = 64) -> np.ndarray:
+  """Zeros of `shape` whose buffer starts on an `align`-byte boundary: the CPU client then puts
+  it on the device without a copy (`jax.device_put(..., may_alias=True)`)."""
+  nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+  raw = np.zeros(nbytes + align, np.uint8)
+  start = (-raw.ctypes.data) % align
+  return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 class ExactIndex(Index):
   """Brute-force MIPS on the JAX device: chunked matmul + top-k (memory bounded).
 
@@ -149,10 +158,32 @@ class ExactIndex(Index):
 
   def __init__(self, passage_ids, manifest, embeddings_nd: np.ndarray):
     super().__init__(passage_ids, manifest)
-    self.embeddings = embeddings_nd
+    self._embeddings = embeddings_nd
     self._rows_dim = embeddings_nd.shape[1]
     self._device_corpus = None
     self._fns = {}
+
+  @property
+  def embeddings(self) -> np.ndarray:
+    """The passage embeddings `[N, D]` float32 (a memmap until the first search; then, for
+    float32 storage, a view of the one blocked copy the device searches)."""
+    return self._embeddings
+
+  def _block(self):
+    """The corpus as `[C, chunk, D]` on the device, zero-padded (`topk.block_corpus`'s
+    layout), blocked in numpy and put once: on the CPU the device array may share the host
+    buffer, so float32 storage holds one copy of the embeddings, not three (host, device,
+    padded; measured in `bench/sharded_host_index.py`)."""
+    n, d = self._embeddings.shape
+    chunk = int(min(self.manifest["params"]["chunk"], max(n, 1)))
+    bf16 = self.manifest["params"]["dtype"] == "bfloat16"
+    host = _aligned_zeros((-(-n // chunk), chunk, d), jnp.bfloat16 if bf16 else np.float32)
+    flat = host.reshape(-1, d)
+    for s in range(0, n, chunk):  # a memmap pages in one chunk at a time
+      flat[s:min(s + chunk, n)] = self._embeddings[s:s + chunk]
+    if not bf16:
+      self._embeddings = flat[:n]
+    return jax.device_put(host, may_alias=True).block_until_ready()
 
   @classmethod
   def _build(cls, data, passage_ids, chunk: int = 65536, query_batch: int = 256,
@@ -172,11 +203,8 @@ class ExactIndex(Index):
   def search_rows(self, queries, k):
     q = self._check_queries(queries)
     k = self._check_k(k)
-    if self._device_corpus is None:
-      dtype = jnp.bfloat16 if self.manifest["params"]["dtype"] == "bfloat16" else jnp.float32
-      # Blocked once here: padding inside the jitted search would copy the corpus every call.
-      self._device_corpus = block_corpus(jnp.asarray(self.embeddings, dtype),
-                                         self.manifest["params"]["chunk"])
+    if self._device_corpus is None:  # blocked once: padding in the search would copy per call
+      self._device_corpus = self._block()
     qb = self.manifest["params"]["query_batch"]
     scores = np.zeros((len(q), k), np.float32)
     rows = np.zeros((len(q), k), np.int64)
