@@ -56,6 +56,25 @@ def cmd_store(args):
   print(f"array_record dataset at {path}")
 
 
+def _doc_options(items) -> dict:
+  """`["restate_rate=1", "headings=true"]` -> `{"restate_rate": 1.0, "headings": True}`, typed
+  by `DocOptions`' defaults. Raises: UsageError naming a malformed item or an unknown key."""
+  import dataclasses
+  from ragjax.data.synthetic_docs import DocOptions
+  defaults = dataclasses.asdict(DocOptions())
+  out = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep or key not in defaults:
+      raise UsageError(f"--option {item!r}: expected KEY=VALUE with KEY one of {sorted(defaults)}")
+    kind = type(defaults[key])
+    try:
+      out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+    except ValueError:
+      raise UsageError(f"--option {item!r}: expected a {kind.__name__} value") from None
+  return out
+
+
 def cmd_make_bios(args):
   if args.layout == "documents":
     from ragjax.data.synthetic_docs import write_bio_documents as write
@@ -64,7 +83,14 @@ def cmd_make_bios(args):
   check_writable(args.out, "--out")
   if args.update_fraction and args.layout != "single":
     raise UsageError("--update-fraction: only the single layout has an updated world")
-  paths = write(args.out, args.num_people, seed=args.seed, eval_fraction=args.eval_fraction)
+  options = _doc_options(args.option) if args.option else {}
+  if options and args.layout != "documents":
+    raise UsageError("--option: only the documents layout has generator options")
+  try:
+    paths = write(args.out, args.num_people, seed=args.seed, eval_fraction=args.eval_fraction,
+                  **options)
+  except ValueError as e:
+    raise UsageError(f"make-bios: {e}") from e
   if args.update_fraction:
     from ragjax.data.synthetic_updates import write_updated_world
     paths.update(write_updated_world(args.out, args.num_people, args.seed, args.eval_fraction,
@@ -257,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
                  "people changed employer or birth city (corpus_updated.jsonl, "
                  "changed_questions[_old].jsonl)")
   p.add_argument("--update-seed", type=int, default=0)
+  p.add_argument("--option", action="append", metavar="KEY=VALUE",
+                 help="a documents-layout generator option (ragjax.data.synthetic_docs."
+                 "DocOptions, e.g. restate_rate=1.0, distractors=0); repeatable")
   p.add_argument("--out", required=True)
 
   p = add("make-haystack", cmd_make_haystack, "write Biographies needle-in-a-haystack corpora "

@@ -198,6 +198,22 @@ def test_make_bios_layout_documents_writes_loadable_files(tmp_path):
   assert len(list(read_passages(single / "corpus.jsonl"))) == 40  # default layout unchanged
 
 
+def test_make_bios_options_reach_the_generator_and_bad_ones_exit_2(tmp_path, capsys):
+  from ragjax.cli import main
+  out = tmp_path / "red"
+  assert main(["make-bios", "--layout", "documents", "--num-people", "30", "--option",
+               "restate_rate=1.0", "--option", "headings=true", "--out", str(out)]) == 0
+  want = synthetic_docs.make_bio_documents(30, restate_rate=1.0, headings=True)
+  assert list(read_passages(out / "corpus.jsonl")) == want.passages
+  for bad, said in ((["--layout", "documents", "--option", "restate=1"], "restate_rate"),
+                    (["--layout", "documents", "--option", "distractors=x"], "int"),
+                    (["--layout", "documents", "--option", "distractors=9"], "distractors"),
+                    (["--option", "distractors=1"], "documents layout")):
+    assert main(["make-bios", "--num-people", "5", *bad, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and said in err[0], err
+
+
 def test_load_data_documents_layout():
   from ragjax import config as config_lib
   from ragjax.data.sources import load_data

@@ -27,6 +27,7 @@ other passage of the person contains the answer string (distractor values exclud
 `restate_rate` (default 0, the benchmark) states an attribute a second time in the person's other
 document, the redundancy that salient-span pretraining needs (a masked fact stated once, in the
 query's own passage, can be retrieved from nowhere); the gold id stays the first statement's.
+(`ragjax make-bios --layout documents --option restate_rate=1.0 --option distractors=0 --out D`.)
 
 Determinism: as `synthetic` (seeded PCG64 streams, no `hash()`): person `i`'s passages and
 questions depend on `(seed, i, options)` only: the namesake groups are drawn per chunk of 4,096
