@@ -17,8 +17,13 @@ row), exact top-k on the device, eval on 200 held-out questions every `steps / 4
                     passages as negatives (model.retriever_in_batch_negatives)
   row=joint         row=query_ft plus a trainable passage encoder, re-embedded by the
                     asynchronous indexer (REALM / Atlas; staleness logged)
-  row=pretrain      salient-span pretraining on the corpus (own document excluded), joint,
-                    as the start of row=finetune (--config.init.from_workdir=W)
+  row=pretrain      salient-span pretraining (REALM), joint, own document excluded, as the
+                    start of a fine-tuning row (--config.init.from_workdir=W); by default on
+                    400 other people (bios_seed 2) whose facts are each told in both of their
+                    documents (data.bios_docs.restate_rate 1, distractors 0), the query the
+                    title + the masked sentence (data.pretrain.query); pretrain_corpus=benchmark
+                    pretrains on the benchmark's own corpus with whole-passage queries, where
+                    each fact is told once and the target has no signal (below)
 
   ragjax train --config experiments/bios_documents.py:row=frozen,steps=1500 --workdir runs/docs_frozen
 

@@ -125,6 +125,12 @@ def validate_sources(cfg) -> None:
     raise DataError("expected bios, files or squad_split", path=d.source, field="data.source")
   if d.source == "bios":
     _choice(d.get("bios_layout", "single"), BIOS_LAYOUTS, "data.bios_layout")
+    if d.get("bios_layout") == "documents":
+      from ragjax.data.synthetic_docs import doc_options
+      try:
+        doc_options(**dict(d.get("bios_docs", {})))
+      except (TypeError, ValueError) as e:
+        raise ConfigError(f"data.bios_docs: {e}") from None
   _choice(d.get("passage_context", "none"), CONTEXT_MODES, "data.passage_context")
   if d.get("passage_context") == "file" and not pathlib.Path(
       d.get("passage_context_file") or "").is_file():

@@ -292,3 +292,6 @@ def test_load_data_passes_the_documents_options_and_names_a_bad_one():
   c.data.bios_docs.distractors = 7
   with pytest.raises(DataError, match=r"data\.bios_docs.*distractors must be an int in \[0, 4\]"):
     load_data(c)
+  with pytest.raises(config_lib.ConfigError, match=r"data\.bios_docs: option distractors must be "
+                                                   r"an int in \[0, 4\], got 7"):
+    config_lib.validate(c, data=True)  # before any data is read
