@@ -40,16 +40,18 @@ Measured 2026-12-03 (2-core AMD EPYC, AVX2; W = runs/bios_reader_s1 rebuilt on t
   (frozen 0.075 / 0.125, query_ft 0.080 / 0.215), recall@1/@2/@4 0.745/0.845/0.950 at 75 and
   0.800/0.915/0.990 at 150; 0.50 examples/s, index versions 0-140 (median staleness 31 steps),
   44 min 41 s to step 150; stopped at step 160 by SIGTERM (resumable to 300).
-- row=pretrain,steps=100,in_batch=True,reader=W (salient spans, own document excluded, PDist,
-  asynchronous indexer; 2026-12-07): 40 min 51 s, 0.38 examples/s, 5 index versions (median
+- row=pretrain,pretrain_corpus=benchmark,steps=100,in_batch=True,reader=W (salient spans over
+  the benchmark's corpus, own document excluded, PDist, asynchronous indexer; 2026-12-07): 40 min 51 s, 0.38 examples/s, 5 index versions (median
   staleness 19); on the QA eval, recall@2 0.535 -> 0.440 and EM 0.075 -> 0.000 over the 100 steps;
   the target's posterior-vs-prior KL fell to 0.017-0.024 nats (little signal). Then
   row=query_ft,steps=300,in_batch=True --config.init.from_workdir=<that workdir>: EM 0.045 /
   0.115 / 0.170 / 0.200 at 75 / 150 / 225 / 300, F1 0.345, recall@1/@2/@4 0.525/0.710/0.830
   (20 min 1 s): below the query_ft row from W alone (EM 0.285), the aim missed (README). Cause:
-  the pretraining query is the masked passage text without its title, which alone names the
-  person; its masked answer is in the top-4 (own document excluded) for 9.2% of the examples
-  (`python bench/pretrain_probe.py --config experiments/bios_documents.py:row=pretrain`).
+  each fact is stated once (4.3% of the masked spans occur in the person's other document) and
+  67% of the whole-passage queries lose their mask past the 24-wordpiece query window; the
+  masked answer is in the top-4 (own document excluded) for 9.2% of the examples (`python
+  bench/pretrain_probe.py --config experiments/bios_documents.py:row=pretrain,pretrain_corpus=
+  benchmark`; the default row=pretrain corpus: 69.0%).
 - the query_ft row with objective=adist --config.model.target_temperature=0.001: EM 0.025, recall@4
   0.365 (recall@50 0.995, no hubs): ADist's target stays at entropy 1.32-1.36 of ln 4.
 - row=query_ft,steps=250,in_batch=True,objective=adist (no reader, T_r = 1): no collapse,
