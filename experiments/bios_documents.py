@@ -40,6 +40,13 @@ Measured 2026-12-03 (2-core AMD EPYC, AVX2; W = runs/bios_reader_s1 rebuilt on t
   (frozen 0.075 / 0.125, query_ft 0.080 / 0.215), recall@1/@2/@4 0.745/0.845/0.950 at 75 and
   0.800/0.915/0.990 at 150; 0.50 examples/s, index versions 0-140 (median staleness 31 steps),
   44 min 41 s to step 150; stopped at step 160 by SIGTERM (resumable to 300).
+- row=pretrain,steps=100,in_batch=True,reader=W (2026-12-07; 400 other people, every fact
+  restated, title + masked sentence; 31 min 30 s, 0.486 examples/s, 5 index versions, median
+  staleness 19; PDist KL 0.32-0.58 nats), then row=query_ft,steps=300,in_batch=True
+  --config.init.from_workdir=<that workdir> (24 min 6 s): EM 0.135 / 0.315 / 0.385 / **0.400**
+  at 75 / 150 / 225 / 300, F1 0.564, recall@1/@2/@4 0.665/0.835/0.975, against 0.080 / 0.215 /
+  0.265 / 0.285 for fine-tuning alone: pretraining + fine-tuning above fine-tuning alone at
+  every eval, +0.220 EM over frozen (README).
 - row=pretrain,pretrain_corpus=benchmark,steps=100,in_batch=True,reader=W (salient spans over
   the benchmark's corpus, own document excluded, PDist, asynchronous indexer; 2026-12-07): 40 min 51 s, 0.38 examples/s, 5 index versions (median
   staleness 19); on the QA eval, recall@2 0.535 -> 0.440 and EM 0.075 -> 0.000 over the 100 steps;
