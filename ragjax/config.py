@@ -14,10 +14,10 @@ model); `load_workdir_config(W)` reads back the config a run was trained with.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import json
 import pathlib
-import dataclasses
 from dataclasses import dataclass
 
 import jax
