@@ -1,20 +1,26 @@
 """Resident memory of a host `ExactIndex` per corpus row, against the layout it replaced.
 
 Each configuration runs in a fresh worker process over the same `.npy` corpus (`--num-vectors`
-x `--dim` float32, opened as a memmap as `ragjax index` / the feeder load it): the worker's
-resident set (`VmRSS` from /proc/self/status, bytes) is read before and after building the index
-and running one search of `--num-queries` queries, and the growth is divided by the row count.
+x `--dim` float32): the worker's resident set (`VmRSS` from /proc/self/status, bytes) is read
+before building the index and after one search of `--num-queries` queries, and the growth is
+divided by the row count. Two inputs, as callers hand them over:
 
-  exact_index    `ExactIndex.build(memmap)` + `search_rows`: blocked once in numpy (64-byte
-                 aligned) and put on the CPU device with `may_alias=True`, so the host
-                 embeddings and the device corpus share one buffer.
-  former_layout  the layout before 2026-12-07, as its code ran: `np.asarray` of the memmap (a
-                 host copy), `jnp.asarray` (a device copy) padded and reshaped by
-                 `topk.block_corpus` (a third), then the same jitted `topk_blocks` search.
+  memmap  `np.load(path, mmap_mode="r")` given to the index and not held elsewhere (as
+          `load_index` does); its page cache counts while it is mapped
+  array   an in-memory float32 array given to the index, the caller's reference dropped (as
+          the host feeders and bundle export do with freshly computed embeddings)
 
-The search's working set (`query_batch` x `chunk` float32 scores, ~160 MiB at the defaults)
-does not grow with the corpus and is in both rows; so are the memmap's page-cache pages that the
-copy read (resident while mapped). Raw float32 is `4 * dim` bytes per row.
+and two layouts:
+
+  exact_index    `ExactIndex`: blocked once on the host (`topk.block_corpus_host`, 64-byte
+                 aligned) and put on the CPU device with `may_alias=True`, so the device corpus
+                 and `embeddings` share one buffer
+  former_layout  the code before 2026-12-07, reproduced: `np.asarray(data, float32)` held as
+                 `embeddings`, and `topk.block_corpus(jnp.asarray(...))` on the device
+
+Both run the same jitted `topk_blocks` search; its working set (about 2.5 x `query_batch` x
+`chunk` float32 scores, 160 MiB at the defaults) does not grow with the corpus. Raw float32 is
+`4 * dim` bytes per row. The top-10 rows of every configuration are compared.
 
   python bench/exact_index_memory.py                 # 400,000 x 384
   python bench/exact_index_memory.py --num-vectors 100000 --no-write
@@ -22,7 +28,6 @@ copy read (resident while mapped). Raw float32 is `4 * dim` bytes per row.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import subprocess
@@ -36,9 +41,10 @@ import numpy as np  # noqa: E402
 import _results  # noqa: E402
 
 _WORKER = r'''
-import json, sys
+import sys
 import numpy as np
-kind, corpus_path, num_queries = sys.argv[1], sys.argv[2], int(sys.argv[3])
+layout, given, corpus_path, num_queries, out = sys.argv[1:6]
+num_queries = int(num_queries)
 
 def rss():
   f = dict(l.split(":", 1) for l in open("/proc/self/status") if ":" in l)
@@ -47,24 +53,43 @@ def rss():
 import jax, jax.numpy as jnp
 from ragjax.retrieval.index import ExactIndex
 from ragjax.retrieval.topk import block_corpus, topk_blocks
-corpus = np.load(corpus_path, mmap_mode="r")
-n, d = corpus.shape
+n, d = np.load(corpus_path, mmap_mode="r").shape
 q = np.random.default_rng(1).standard_normal((num_queries, d), dtype=np.float32)
 ids = [str(i) for i in range(n)]
 jnp.zeros(1).block_until_ready()
+
+
+class FormerExactIndex:  # ExactIndex before 2026-12-07: a host array and a padded device copy
+  def __init__(self, data):
+    self.embeddings = np.asarray(data, np.float32)
+    self.device = block_corpus(jnp.asarray(self.embeddings), 65536)
+    self.fn = jax.jit(lambda a, c: topk_blocks(a, c, n, 10))
+
+  def search_rows(self, queries, k):
+    rows = []
+    for s in range(0, len(queries), 256):
+      block = np.zeros((256, d), np.float32)
+      block[:len(queries[s:s + 256])] = queries[s:s + 256]
+      rows.append(np.asarray(self.fn(jnp.asarray(block), self.device)[1])[:len(queries[s:s + 256])])
+    return None, np.concatenate(rows)
+
+
+def make(data):
+  return ExactIndex.build(data, ids) if layout == "exact_index" else FormerExactIndex(data)
+
+
 before = rss()
-if kind == "exact_index":
-  index = ExactIndex.build(corpus, ids)
-  rows = index.search_rows(q, 10)[1]
+if given == "memmap":
+  index = make(np.load(corpus_path, mmap_mode="r"))
 else:
-  host = np.asarray(corpus, np.float32).copy()   # ExactIndex._build's np.asarray, then held
-  dev = block_corpus(jnp.asarray(host), 65536)
-  fn = jax.jit(lambda a, c: topk_blocks(a, c, n, 10))
-  rows = np.concatenate([np.asarray(fn(jnp.asarray(q[s:s + 256]), dev)[1])
-                         for s in range(0, num_queries, 256)])
+  data = np.array(np.load(corpus_path, mmap_mode="r"))
+  before = rss() - data.nbytes  # the array counts as the index's, as a caller's hand-over
+  index = make(data)
+  del data
+rows = index.search_rows(q, 10)[1]
 after = rss()
-print(json.dumps({"kind": kind, "growth_bytes": after - before, "rows_checksum":
-                  int(np.asarray(rows, np.int64).sum())}))
+np.save(out, np.asarray(rows, np.int64))
+print(after - before)
 '''
 
 
@@ -80,35 +105,47 @@ def parse_args(argv=None):
 def main(argv=None):
   args = parse_args(argv)
   n, d = args.num_vectors, args.dim
+  configs = [(layout, given) for given in ("memmap", "array")
+             for layout in ("exact_index", "former_layout")]
+  growth, rows = {}, {}
   with tempfile.TemporaryDirectory() as tmp:
     tmp = pathlib.Path(tmp)
     rng = np.random.default_rng(0)
     np.save(tmp / "corpus.npy", rng.standard_normal((n, d), dtype=np.float32))
     (tmp / "worker.py").write_text(_WORKER)
-    out = {}
-    for kind in ("exact_index", "former_layout"):
-      res = subprocess.run([sys.executable, str(tmp / "worker.py"), kind, str(tmp / "corpus.npy"),
-                            str(args.num_queries)], capture_output=True, text=True, timeout=1800,
+    for layout, given in configs:
+      out = tmp / f"{layout}_{given}.npy"
+      res = subprocess.run([sys.executable, str(tmp / "worker.py"), layout, given,
+                            str(tmp / "corpus.npy"), str(args.num_queries), str(out)],
+                           capture_output=True, text=True, timeout=1800,
                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
       if res.returncode != 0:
-        raise RuntimeError(f"{kind} worker exited {res.returncode}:\n{res.stderr[-3000:]}")
-      out[kind] = json.loads(res.stdout.strip().splitlines()[-1])
-      print(json.dumps(out[kind]), flush=True)
-  if out["exact_index"]["rows_checksum"] != out["former_layout"]["rows_checksum"]:
-    raise RuntimeError("the two layouts returned different top-10 rows")
+        raise RuntimeError(f"{layout}/{given} worker exited {res.returncode}:\n"
+                           f"{res.stderr[-3000:]}")
+      growth[layout, given] = int(res.stdout.strip().splitlines()[-1])
+      rows[layout, given] = np.load(out)
+      print(f"{layout} {given}: {growth[layout, given] / n:,.0f} bytes per row", flush=True)
+  first = rows[configs[0]]
+  if not all(np.array_equal(r, first) for r in rows.values()):
+    raise RuntimeError("the configurations returned different top-10 rows")
   raw = 4 * d
-  per_row = {k: v["growth_bytes"] / n for k, v in out.items()}
-  rows = [[k, f"{v:,.0f}", f"{v / raw:.2f}"] for k, v in per_row.items()]
+  per_row = {c: g / n for c, g in growth.items()}
+  table_rows = [[given, layout, f"{per_row[layout, given]:,.0f}",
+                 f"{per_row[layout, given] / raw:.2f}"] for layout, given in configs]
+  ratios = ", ".join(f"{given} {per_row['exact_index', given] / per_row['former_layout', given]:.2f}"
+                     for given in ("memmap", "array"))
   body = "\n\n".join([
-      _results.table(["layout", "RSS growth, bytes per row", "x raw float32"], rows),
-      f"Ratio exact_index / former_layout: **{per_row['exact_index'] / per_row['former_layout']:.2f}"
-      f"** (same top-10 rows for all {args.num_queries} queries).",
+      _results.table(["input", "layout", "RSS growth, bytes per row", "x raw float32"],
+                     table_rows),
+      f"Ratio exact_index / former_layout: **{ratios}** (the same top-10 rows for all "
+      f"{args.num_queries} queries in every configuration).",
   ])
   print(body)
   if not args.no_write:
     setup = {"versions": _results.versions("jax", "jaxlib", "numpy"),
-             "workload": f"{n:,} x {d} float32 (raw {raw:,} bytes per row), memmapped .npy; "
-                         f"{args.num_queries} queries, k = 10; each layout in a fresh process"}
+             "workload": f"{n:,} x {d} float32 (raw {raw:,} bytes per row), one .npy; "
+                         f"{args.num_queries} queries, k = 10; each configuration in a fresh "
+                         "process"}
     text = _results.section("exact_index_memory", "exact_index_memory.py: host ExactIndex "
                             "resident memory per row", setup, body)
     print(f"wrote {_results.write_section('exact_index_memory', text)}")

@@ -46,7 +46,7 @@ def _redundancy(passages, examples, tokenizer, mask_token: str, query_max_length
   (`bio-<person>-<doc>-<i>`), the share of masked spans that occur in a passage of the same
   person outside the excluded ones (a retrievable statement of the fact)."""
   before = [e.question.split(mask_token)[0] for e in examples]
-  n_before = tokenizer.encode(before, max_length=512, length=512).attention_mask.sum(axis=1) - 1
+  n_before = tokenizer.lengths(before) - 1  # [CLS] + the wordpieces before the mask
   cut = float(np.mean(n_before >= query_max_length - 1))
   out = [f"mask past the query encoder's {query_max_length} wordpieces: {cut:.3f}"]
   person = lambda pid: pid.split("-")[1] if pid.startswith("bio-") else None

@@ -68,9 +68,9 @@ def get_config(arg=None):
     c.data.pretrain.query = "title_sentence"
     c.optim.start_steps.passage_encoder = c.optim.start_steps.query_encoder = 0
     c.train.checkpoint_every = max(1, c.train.total_steps // 4)
-    if arg.smoke:
-      c.index.refresh.max_staleness_steps = 0
-      c.index.refresh.spawn_indexer = False
-      c.optim.start_steps.passage_encoder = 0
-      c.optim.start_steps.query_encoder = 0
+  if arg.variant in ("joint", "pretrain") and arg.smoke:
+    c.index.refresh.max_staleness_steps = 0
+    c.index.refresh.spawn_indexer = False
+    c.optim.start_steps.passage_encoder = 0
+    c.optim.start_steps.query_encoder = 0
   return c

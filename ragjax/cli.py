@@ -24,7 +24,7 @@ import sys
 import traceback
 
 from ragjax.config_checks import CONTEXT_MODES
-from ragjax.errors import RagjaxError, UsageError
+from ragjax.errors import ConfigError, RagjaxError, UsageError
 from ragjax.fsutil import check_writable
 from ragjax.retrieval import commands as retrieval_commands  # imports its libraries on use
 from ragjax.serving import commands as serving_commands
@@ -58,8 +58,10 @@ def cmd_store(args):
 
 def _doc_options(items) -> dict:
   """`["restate_rate=1", "headings=true"]` -> `{"restate_rate": 1.0, "headings": True}`, typed
-  by `DocOptions`' defaults. Raises: UsageError naming a malformed item or an unknown key."""
+  as `--config.KEY=VALUE` overrides are, by `DocOptions`' defaults. Raises: UsageError naming a
+  malformed item, an unknown key or a value of the wrong type."""
   import dataclasses
+  from ragjax.config import _coerce
   from ragjax.data.synthetic_docs import DocOptions
   defaults = dataclasses.asdict(DocOptions())
   out = {}
@@ -67,11 +69,10 @@ def _doc_options(items) -> dict:
     key, sep, value = item.partition("=")
     if not sep or key not in defaults:
       raise UsageError(f"--option {item!r}: expected KEY=VALUE with KEY one of {sorted(defaults)}")
-    kind = type(defaults[key])
     try:
-      out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
-    except ValueError:
-      raise UsageError(f"--option {item!r}: expected a {kind.__name__} value") from None
+      out[key] = _coerce(defaults[key], value, f"data.bios_docs.{key}")
+    except ConfigError as e:
+      raise UsageError(f"--option {item!r}: {e}") from None
   return out
 
 

@@ -125,12 +125,15 @@ def validate_sources(cfg) -> None:
     raise DataError("expected bios, files or squad_split", path=d.source, field="data.source")
   if d.source == "bios":
     _choice(d.get("bios_layout", "single"), BIOS_LAYOUTS, "data.bios_layout")
-    if d.get("bios_layout") == "documents":
-      from ragjax.data.synthetic_docs import doc_options
-      try:
-        doc_options(**dict(d.get("bios_docs", {})))
-      except (TypeError, ValueError) as e:
-        raise ConfigError(f"data.bios_docs: {e}") from None
+    from ragjax.data.synthetic_docs import doc_options
+    options = dict(d.get("bios_docs", {}))
+    try:
+      changed = doc_options(**options) != doc_options()
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"data.bios_docs: {e}") from None
+    if changed and d.get("bios_layout", "single") != "documents":
+      raise ConfigError("data.bios_docs: options of the documents layout, but data.bios_layout "
+                        f"is {d.get('bios_layout', 'single')!r}")
   _choice(d.get("passage_context", "none"), CONTEXT_MODES, "data.passage_context")
   if d.get("passage_context") == "file" and not pathlib.Path(
       d.get("passage_context_file") or "").is_file():
@@ -142,6 +145,9 @@ def validate_sources(cfg) -> None:
     _choice(pre.objective, PRETRAIN_OBJECTIVES + ("none",), "data.pretrain.objective")
     _choice(pre.exclude, PRETRAIN_EXCLUDE, "data.pretrain.exclude")
     _choice(pre.get("query", "passage"), PRETRAIN_QUERIES, "data.pretrain.query")
+    if pre.get("query", "passage") != "passage" and pre.objective != "salient_span":
+      raise ConfigError(f"data.pretrain.query={pre.query!r}: only salient_span reads it "
+                        f"(objective {pre.objective!r})")
     if cfg.model.loss == "closed_book":
       raise ConfigError("data.pretrain.objective: closed_book retrieves nothing to pretrain")
   if d.source != "bios":

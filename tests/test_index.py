@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -53,18 +54,25 @@ def test_exact_index_search_returns_ids_and_batches_queries():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_exact_index_holds_one_copy_and_a_loaded_index_searches_alike(tmp_path, dtype):
-  """A float32 index's device corpus is its host embeddings' buffer (no second copy on the
-  CPU); a saved and loaded index returns the built one's top-k; bfloat16 storage keeps
-  the float32 embeddings for saving and finds the brute-force top-5 of well-separated data."""
+  """Brute-force top-5 with float32 or bfloat16 storage (rows stored in bfloat16 may swap near
+  ties: >= 95% of the brute-force top-5 then); on the CPU a float32 index's device corpus is its
+  host embeddings' buffer (one copy), which it exposes read-only; a saved and loaded index
+  returns the built one's top-k and the float32 embeddings."""
   x, q = clustered(1000, 8, 10, 4), clustered(50, 8, 10, 5)
-  ids = [f"p{i}" for i in range(1000)]
-  idx = ExactIndex.build(x, ids, chunk=300, dtype=dtype)
+  ids = np.asarray([f"p{i}" for i in range(1000)], dtype=object)
+  idx = ExactIndex.build(x, list(ids), chunk=300, dtype=dtype)
   _, got = idx.search(q, 5)
+  want = ids[brute_force(q, x, 5)]
+  if dtype == "float32":
+    np.testing.assert_array_equal(got, want)
+  else:
+    assert np.mean([len(set(a) & set(b)) / 5 for a, b in zip(got, want)]) >= 0.95
   np.testing.assert_array_equal(idx.embeddings, x)
   assert idx.embeddings.dtype == np.float32
-  if dtype == "float32":
-    np.testing.assert_array_equal(got, np.asarray(ids, dtype=object)[brute_force(q, x, 5)])
+  if dtype == "float32" and jax.default_backend() == "cpu":
     assert idx._device_corpus.unsafe_buffer_pointer() == idx.embeddings.ctypes.data
+    with pytest.raises(ValueError, match="read-only"):
+      idx.embeddings[0, 0] = 1.0
   idx.save(tmp_path / "idx")
   loaded = load_index(tmp_path / "idx")
   np.testing.assert_array_equal(loaded.search(q, 5)[1], got)

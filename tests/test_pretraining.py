@@ -242,10 +242,27 @@ def test_title_sentence_queries_hold_the_title_and_the_masked_sentence_and_never
     assert q.answers[0] != "Ximena Costa"
     seen.add(q.answers[0])
   assert seen == {TEXT[a:b] for a, b, _ in salient_spans(TEXT)} - {"Ximena Costa"}
+  # Title words, not substrings: "Costa" is a title word, "Acosta" is not; the year of a date
+  # is ("born 1961"); "Dr." and "U.S." do not end the sentence; no title, no prefix.
+  q = Passage("d2", "Ximena Costa (born 1961) - profile",
+              "Dr. Lee met Costa and Acosta in the U.S. Army on 12 March 1961. They left.")
+  assert [q.text[a:b] for a, b, _ in salient_spans(q.text)] == ["Costa", "Acosta",
+                                                                "12 March 1961"]
+  for seed in range(10):
+    [e] = pretraining_examples([q], "salient_span", seed=seed, query="title_sentence")
+    assert e.answers == ("Acosta",)
+    assert e.question == ("Ximena Costa (born 1961) - profile: Dr. Lee met Costa and [MASK] in "
+                          "the U.S. Army on 12 March 1961.")
+  [e] = pretraining_examples([Passage("d3", "", "He met Lee Park. Then he left.")],
+                             "salient_span", query="title_sentence")
+  assert e.question == "He met [MASK]." and e.answers == ("Lee Park",)
   with pytest.raises(DataError, match=r"data\.pretrain\.query"):
     pretraining_examples([p], "salient_span", query="sentence")
   cfg = config_lib.load_config("experiments/bios.py:smoke")
   cfg.data.pretrain.objective = "salient_span"
   cfg.data.pretrain.query = "title"
   with pytest.raises(ConfigError, match="data.pretrain.query 'title'"):
+    config_lib.validate(cfg, data=True)
+  cfg.data.pretrain.objective, cfg.data.pretrain.query = "prefix_lm", "title_sentence"
+  with pytest.raises(ConfigError, match="data.pretrain.query='title_sentence': only salient_span"):
     config_lib.validate(cfg, data=True)

@@ -206,7 +206,8 @@ def test_make_bios_options_reach_the_generator_and_bad_ones_exit_2(tmp_path, cap
   want = synthetic_docs.make_bio_documents(30, restate_rate=1.0, headings=True)
   assert list(read_passages(out / "corpus.jsonl")) == want.passages
   for bad, said in ((["--layout", "documents", "--option", "restate=1"], "restate_rate"),
-                    (["--layout", "documents", "--option", "distractors=x"], "int"),
+                    (["--layout", "documents", "--option", "distractors=x"], "integer"),
+                    (["--layout", "documents", "--option", "headings=flase"], "true or false"),
                     (["--layout", "documents", "--option", "distractors=9"], "distractors"),
                     (["--option", "distractors=1"], "documents layout")):
     assert main(["make-bios", "--num-people", "5", *bad, "--out", str(tmp_path / "x")]) == 2
@@ -257,8 +258,11 @@ def test_restate_rate_states_each_fact_again_in_the_other_document_and_changes_n
   questions (and their gold ids) are those of restate_rate=0, which is the default corpus."""
   n = 200
   base = synthetic_docs.make_bio_documents(n, seed=0)
-  assert base.passages == bios.passages[:len(base.passages)]  # default: restate_rate=0
   red = synthetic_docs.make_bio_documents(n, seed=0, restate_rate=1.0)
+  again = synthetic_docs.make_bio_documents(n, seed=0, restate_rate=1.0)  # deterministic
+  assert again.passages == red.passages and again.train_questions == red.train_questions
+  fewer = synthetic_docs.make_bio_documents(150, seed=0, restate_rate=1.0)
+  assert fewer.passages == red.passages[:len(fewer.passages)]  # per person, as the default
   assert red.train_questions == base.train_questions
   assert red.eval_questions == base.eval_questions
   assert [p.id for p in red.passages] == [p.id for p in base.passages]
@@ -295,3 +299,8 @@ def test_load_data_passes_the_documents_options_and_names_a_bad_one():
   with pytest.raises(config_lib.ConfigError, match=r"data\.bios_docs: option distractors must be "
                                                    r"an int in \[0, 4\], got 7"):
     config_lib.validate(c, data=True)  # before any data is read
+  c.data.bios_docs.distractors = 1
+  c.data.bios_layout = "single"
+  with pytest.raises(config_lib.ConfigError, match=r"data\.bios_docs: options of the documents "
+                                                   r"layout, but data\.bios_layout is 'single'"):
+    config_lib.validate(c, data=True)

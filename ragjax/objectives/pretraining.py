@@ -13,8 +13,9 @@ target) example whose retrieval must not return the passage itself.
   `query="title_sentence"` makes the query the passage's title and the sentence holding the mask
   ("Ximena Costa: news: She studied at [MASK]."), so that a short query encoder window
   (`model.query_max_length`) still sees the mask and who the passage is about; a span whose text
-  occurs in the title (underscores read as spaces) is then never masked (the title would give it
-  away). Salient-span pretraining needs redundancy: a fact stated only in the query's own
+  shares a capitalised word or a number with the title's words is then never masked (the title
+  would give it away); sentences end at . ! ? before a capital, except after an initial or a
+  common abbreviation ("U.S.", "Dr."). Salient-span pretraining needs redundancy: a fact stated only in the query's own
   (excluded) passage can be retrieved from nowhere, and its target then carries no signal for
   the retriever (`bench/pretrain_probe.py` measures both for a corpus).
 - "prefix_lm" (Atlas, Izacard et al. 2022 §2.3 "Prefix language modeling"): the passage split
@@ -83,23 +84,43 @@ def salient_spans(text: str) -> list[tuple[int, int, str]]:
   return sorted(out)
 
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+# A sentence ends at . ! ? before white space and a capital, a digit or an opening quote,
+# unless the period closes an initial or a common abbreviation ("U.S. Army", "Dr. Lee").
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(\u201c])")
+_ABBREVIATION = re.compile(r"(?:\b[A-Z]|\b(?:[A-Z]\.)+[A-Z]|\b(?:Dr|Mr|Mrs|Ms|Prof|St|Mt|Jr|Sr|"
+                           r"Gen|Col|Lt|Sgt|Rev|No|vs|etc|e\.g|i\.e|Inc|Ltd|Co|Corp))\.$")
+
+
+def _sentence_bounds(text: str) -> list[tuple[int, int]]:
+  """`[(start, end)]` character offsets of `text`'s sentences (rule above), in order."""
+  out, start = [], 0
+  for m in _SENTENCE_END.finditer(text):
+    if not _ABBREVIATION.search(text[start:m.start()]):
+      out.append((start, m.start()))
+      start = m.end()
+  return out + [(start, len(text))]
+
+
+def _in_title(span: str, title_words: set[str]) -> bool:
+  """Whether a capitalised word or a number of `span` is a word of the title (it would give the
+  span away: "Costa" in "Ximena Costa - profile", the year of "12 March 1961" in "X (born
+  1961) - profile"; "Costa" is not in "Ximena Acosta")."""
+  return any(w.lower() in title_words for w in re.findall(r"\w+", span)
+             if w[0].isupper() or w.isdigit())
 
 
 def _salient(p: Passage, rng, mask_token, query):
   spans = salient_spans(p.text)
-  if query == "title_sentence":
-    title = re.sub(r"[\s_]+", " ", p.title.lower())  # "Super_Bowl_50" names "super bowl"
-    spans = [s for s in spans if p.text[s[0]:s[1]].lower() not in title]
+  if query == "title_sentence":  # "Super_Bowl_50" has the words "super", "bowl", "50"
+    title_words = set(re.findall(r"[^\W_]+", p.title.lower()))
+    spans = [s for s in spans if not _in_title(p.text[s[0]:s[1]], title_words)]
   if not spans:
     return None
   a, b, _ = spans[rng.randint(len(spans))]
   if query == "passage":
     return p.text[:a] + mask_token + p.text[b:], p.text[a:b]
-  starts = [0] + [m.end() for m in _SENTENCE_END.finditer(p.text)]
-  ends = [m.start() for m in _SENTENCE_END.finditer(p.text)] + [len(p.text)]
-  lo, hi = next((s, e) for s, e in zip(starts, ends) if s <= a < e + 1)
-  sentence = p.text[lo:a] + mask_token + p.text[b:max(hi, b)]
+  lo, hi = next((s, e) for s, e in _sentence_bounds(p.text) if s <= a < e)
+  sentence = p.text[lo:a] + mask_token + p.text[b:hi]
   return (f"{p.title}: {sentence}" if p.title else sentence), p.text[a:b]
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from ragjax.errors import IndexFormatError
 from ragjax.fsutil import atomic_directory, write_json_atomic
-from ragjax.retrieval.topk import topk_blocks
+from ragjax.retrieval.topk import block_corpus_host, topk_blocks
 
 MANIFEST = "manifest.json"
 FORMAT = "ragjax.index/1"
@@ -139,15 +139,6 @@ class Index(abc.ABC):
     ...
 
 
-def _aligned_zeros(shape, dtype, align: int = 64) -> np.ndarray:
-  """Zeros of `shape` whose buffer starts on an `align`-byte boundary: the CPU client then puts
-  it on the device without a copy (`jax.device_put(..., may_alias=True)`)."""
-  nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-  raw = np.zeros(nbytes + align, np.uint8)
-  start = (-raw.ctypes.data) % align
-  return raw[start:start + nbytes].view(dtype).reshape(shape)
-
-
 class ExactIndex(Index):
   """Brute-force MIPS on the JAX device: chunked matmul + top-k (memory bounded).
 
@@ -165,25 +156,25 @@ class ExactIndex(Index):
 
   @property
   def embeddings(self) -> np.ndarray:
-    """The passage embeddings `[N, D]` float32 (a memmap until the first search; then, for
-    float32 storage, a view of the one blocked copy the device searches)."""
+    """The passage embeddings `[N, D]` float32 (as built or loaded; after the first search on
+    the CPU with float32 storage, a read-only view of the one blocked copy the device searches)."""
     return self._embeddings
 
   def _block(self):
-    """The corpus as `[C, chunk, D]` on the device, zero-padded (`topk.block_corpus`'s
-    layout), blocked in numpy and put once: on the CPU the device array may share the host
-    buffer, so float32 storage holds one copy of the embeddings, not three (host, device,
-    padded; measured in `bench/sharded_host_index.py`)."""
-    n, d = self._embeddings.shape
-    chunk = int(min(self.manifest["params"]["chunk"], max(n, 1)))
+    """The corpus on the device in `topk.block_corpus`'s layout, blocked on the host
+    (`topk.block_corpus_host`) and put once. On the CPU the device array shares that buffer,
+    which then also serves `embeddings` (read-only), so a float32 index holds one copy of its
+    rows instead of a host copy beside a padded device copy (`bench/exact_index_memory.py`);
+    elsewhere `embeddings` stays as it was (a memmap stays a memmap)."""
     bf16 = self.manifest["params"]["dtype"] == "bfloat16"
-    host = _aligned_zeros((-(-n // chunk), chunk, d), jnp.bfloat16 if bf16 else np.float32)
-    flat = host.reshape(-1, d)
-    for s in range(0, n, chunk):  # a memmap pages in one chunk at a time
-      flat[s:min(s + chunk, n)] = self._embeddings[s:s + chunk]
-    if not bf16:
-      self._embeddings = flat[:n]
-    return jax.device_put(host, may_alias=True).block_until_ready()
+    host = block_corpus_host(self._embeddings, self.manifest["params"]["chunk"],
+                             jnp.bfloat16 if bf16 else np.float32)
+    device = jax.device_put(host, may_alias=True).block_until_ready()
+    if not bf16 and device.unsafe_buffer_pointer() == host.ctypes.data:
+      view = host.reshape(-1, host.shape[-1])[:self.count]
+      view.flags.writeable = False  # the device reads this buffer
+      self._embeddings = view
+    return device
 
   @classmethod
   def _build(cls, data, passage_ids, chunk: int = 65536, query_batch: int = 256,

@@ -35,6 +35,24 @@ def block_corpus(corpus_nd: jax.Array, chunk: int) -> jax.Array:
   return jnp.pad(corpus_nd, ((0, num_chunks * chunk - n), (0, 0))).reshape(num_chunks, chunk, d)
 
 
+def block_corpus_host(corpus_nd, chunk: int, dtype=np.float32, align: int = 64) -> np.ndarray:
+  """`block_corpus`'s layout `[ceil(N / chunk), chunk, D]` built on the host, zero-padded, from
+  any `[N, D]` array or memmap (read one chunk at a time), in a buffer that starts on an
+  `align`-byte boundary so that `jax.device_put(..., may_alias=True)` on the CPU can use it
+  without a copy. `dtype`: float32 or `jnp.bfloat16`."""
+  n, d = corpus_nd.shape
+  chunk = int(min(chunk, max(n, 1)))
+  shape = (-(-n // chunk), chunk, d)
+  nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+  raw = np.zeros(nbytes + align, np.uint8)
+  start = (-raw.ctypes.data) % align
+  out = raw[start:start + nbytes].view(dtype).reshape(shape)
+  flat = out.reshape(-1, d)
+  for s in range(0, n, chunk):
+    flat[s:min(s + chunk, n)] = corpus_nd[s:s + chunk]
+  return out
+
+
 def topk_blocks(queries_bd: jax.Array, corpus_cnd: jax.Array, n: int, k: int,
                 approximate: bool = False, recall_target: float = 0.95):
   """Top-k over a blocked corpus `[C, chunk, D]` holding `n` real rows (see `topk_chunked`)."""
