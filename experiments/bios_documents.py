@@ -39,7 +39,9 @@ Measured 2026-12-03 (2-core AMD EPYC, AVX2; W = runs/bios_reader_s1 rebuilt on t
   same host type, W rebuilt to the same EM 0.286 / 0.584): EM 0.145 / 0.305 at steps 75 / 150
   (frozen 0.075 / 0.125, query_ft 0.080 / 0.215), recall@1/@2/@4 0.745/0.845/0.950 at 75 and
   0.800/0.915/0.990 at 150; 0.50 examples/s, index versions 0-140 (median staleness 31 steps),
-  44 min 41 s to step 150; stopped at step 160 by SIGTERM (resumable to 300).
+  44 min 41 s to step 150; stopped at step 160 by SIGTERM and resumed to 300 (44 min 13 s):
+  EM 0.360 / 0.350 at 225 / 300 (F1 0.482), recall@1/@2/@4 0.900/0.940/0.995 at 300, 14 index
+  versions 0-280, median staleness 38: +0.170 EM over frozen at the same steps.
 - row=pretrain,steps=100,in_batch=True,reader=W (2026-12-07; 400 other people, every fact
   restated, title + masked sentence; 31 min 30 s, 0.486 examples/s, 5 index versions, median
   staleness 19; PDist KL 0.32-0.58 nats), then row=query_ft,steps=300,in_batch=True
