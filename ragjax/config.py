@@ -14,7 +14,6 @@ model); `load_workdir_config(W)` reads back the config a run was trained with.
 from __future__ import annotations
 
 import ast
-import dataclasses
 import importlib.util
 import json
 import pathlib
@@ -28,7 +27,6 @@ from ragjax.config_checks import (  # noqa: F401 (re-exported: ragjax.config.REA
     BIOS_LAYOUTS, CONTEXT_MODES, DATA_SOURCES, DPR_NEGATIVES, PRETRAIN_EXCLUDE, PRETRAIN_QUERIES,
     PRETRAIN_OBJECTIVES, READERS, RETRIEVER_LOSSES, _choice, check_indexer_placement,
     config_file_errors, retrieved_k, validate_dpr, validate_retriever_loss, validate_sources)
-from ragjax.data.synthetic_docs import DocOptions
 from ragjax.errors import ConfigError, DataError
 
 TOWERS = ("query_encoder", "passage_encoder", "generator")
@@ -154,8 +152,11 @@ def base_config() -> ml_collections.ConfigDict:
       seed=0,                     # example order: permutation per (seed, epoch)
       num_people=2000, bios_seed=0, eval_fraction=0.2,       # source=bios
       bios_layout="single",       # "single" | "documents" (source=bios; data.synthetic_docs)
-      bios_docs=dataclasses.asdict(DocOptions()),  # bios_layout="documents": its generator's
-                                  # options (ragjax.data.synthetic_docs.DocOptions)
+      bios_docs=dict(             # bios_layout="documents": its generator's options, as the
+          shared_name_rate=0.2, max_namesakes=3, name_in_text=0.15,  # defaults of
+          surname_in_news=0.5, role_noun=0.3, news_attribute_rate=0.5,  # ragjax.data.
+          news_passages=2, personal_section=0.5, distractors=4,  # synthetic_docs.DocOptions
+          headings=False, restate_rate=0.0),  # (ranges checked when the data is built)
       passage_context="none",     # none | first_sentence | file: contextual retrieval
       passage_context_file="",    # (data.contextualize), applied to every source's passages
       corpus="", train_questions="", eval_questions="",      # source=files
@@ -379,6 +380,7 @@ def validate(cfg, mesh=None, *, data: bool = True) -> None:
                       "re-ranking)")
   if data:
     validate_sources(cfg)
+    _validate_bios_docs(cfg)
     _validate_init(cfg)
   if mesh is not None:
     _validate_mesh(cfg, mesh)
@@ -420,6 +422,17 @@ def _flat(tree, prefix=""):
   for k, v in tree.items():
     out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
   return out
+
+
+def _validate_bios_docs(cfg) -> None:
+  """`data.bios_docs` set away from its defaults only with the documents layout."""
+  d = cfg.data
+  defaults = base_config().data.bios_docs
+  changed = sorted(k for k in d.get("bios_docs", {}) if d.bios_docs[k] != defaults.get(k))
+  if changed and (d.source != "bios" or d.get("bios_layout", "single") != "documents"):
+    raise ConfigError(f"data.bios_docs ({', '.join(changed)}): options of the documents layout, "
+                      f"but data.source is {d.source!r} and data.bios_layout "
+                      f"{d.get('bios_layout', 'single')!r}")
 
 
 def _validate_init(cfg) -> None:

@@ -125,15 +125,6 @@ def validate_sources(cfg) -> None:
     raise DataError("expected bios, files or squad_split", path=d.source, field="data.source")
   if d.source == "bios":
     _choice(d.get("bios_layout", "single"), BIOS_LAYOUTS, "data.bios_layout")
-    from ragjax.data.synthetic_docs import doc_options
-    options = dict(d.get("bios_docs", {}))
-    try:
-      changed = doc_options(**options) != doc_options()
-    except (TypeError, ValueError) as e:
-      raise ConfigError(f"data.bios_docs: {e}") from None
-    if changed and d.get("bios_layout", "single") != "documents":
-      raise ConfigError("data.bios_docs: options of the documents layout, but data.bios_layout "
-                        f"is {d.get('bios_layout', 'single')!r}")
   _choice(d.get("passage_context", "none"), CONTEXT_MODES, "data.passage_context")
   if d.get("passage_context") == "file" and not pathlib.Path(
       d.get("passage_context_file") or "").is_file():
