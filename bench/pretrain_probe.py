@@ -5,8 +5,8 @@
 Builds the run's corpus and pretraining examples as `ragjax.system.build` does (the config's
 corpus, `pretraining_examples_from_config` of its `data.pretrain`), embeds the corpus and the
 first `--limit` queries with the frozen MiniLM retriever, searches exactly with each example's
-own passage (or document) excluded, and prints the fraction of examples whose answer string occurs (case-insensitively)
-in one of the top-k passages, for k = 1, 2, 4, 50. A masked span that no retrieved passage
+own passage (or document) excluded, and prints the fraction of examples whose answer string
+occurs (case-insensitively) in one of the top-k passages, for k = 1, 2, 4, 50. A masked span that no retrieved passage
 contains gives PDist a target with no signal (every passage explains it equally badly). The
 substring test over-counts common answers (a year that many passages mention). Trailing
 `--config.KEY=VALUE` arguments override the config as in `ragjax train`.

@@ -15,9 +15,9 @@ target) example whose retrieval must not return the passage itself.
   (`model.query_max_length`) still sees the mask and who the passage is about; a span whose text
   shares a capitalised word or a number with the title's words is then never masked (the title
   would give it away); sentences end at . ! ? before a capital, except after an initial or a
-  common abbreviation ("U.S.", "Dr."). Salient-span pretraining needs redundancy: a fact stated only in the query's own
-  (excluded) passage can be retrieved from nowhere, and its target then carries no signal for
-  the retriever (`bench/pretrain_probe.py` measures both for a corpus).
+  common abbreviation ("U.S.", "Dr."). Salient-span pretraining needs redundancy: a fact
+  stated only in the query's own (excluded) passage can be retrieved from nowhere, and its
+  target then carries no signal for the retriever (`bench/pretrain_probe.py` measures both for a corpus).
 - "prefix_lm" (Atlas, Izacard et al. 2022 §2.3 "Prefix language modeling"): the passage split
   at a word boundary near the middle; the query is the prefix, the target the next words.
 - "span_corruption" (T5, Raffel et al. 2020 §3.1.4; Atlas §2.3 "Masked language modeling"):
